@@ -1,0 +1,283 @@
+"""GPU check for the Triton kernels (run by bench/gpu_check.sh on a lent CUDA machine; installs nothing).
+
+For each kernel and shape: fresh random inputs; the kernel against its float64 reference (relative Frobenius
+error, with flash-attention's rule against the same-dtype torch composition); poisoned memory before each call so
+unwritten outputs show as NaN; three repeated launches compared (atomics races); then the median time of the kernel
+and of the fastest plain torch composition (triton.testing.do_bench), the peak-memory ratio and the percent of
+roofline. A short table is printed last; full rows go to --out as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kfac_kernels.ops import covariance as cov, eigen_correction as ec, pairwise as pw, precondition as pc  # noqa
+from shapes import CIFAR, QUERIES, layer_dims  # noqa: E402
+
+PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12}  # measured bf16; fp32 datasheet
+PEAK_BYTES = 4.3e12
+DEV = "cuda"
+PRECOND_QUERIES = 16  # keeps the float64 reference of the 2305-wide layers to about a second
+LOWP = torch.bfloat16
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def rel(x, ref):
+    x = x.double()
+    if not torch.isfinite(x).all():
+        return float("nan")
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def poison():
+    """Fill freed allocator blocks with NaN so that an output element no program wrote shows up."""
+    free = torch.cuda.mem_get_info()[0]
+    n = min(2 << 30, free // 4) // 4
+    t = torch.empty(n, dtype=torch.float32, device=DEV)
+    t.fill_(float("nan"))
+    del t
+
+
+def peak_bytes(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
+
+def orth(n, dtype):
+    q, _ = torch.linalg.qr(torch.randn(n, n, device=DEV, dtype=torch.float64))
+    return q.to(dtype)
+
+
+def with_one(x):
+    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+
+
+# --- cases: (name, kernel fn, torch composition fn, float64 reference fn, flops, bytes, dtype) --------------------
+def cases(dtype, shapes):
+    out = []
+    el = torch.tensor([], dtype=dtype).element_size()
+    for s in shapes:
+        r, d_in, d_out = layer_dims(s)
+        b = s["batch"]
+        dp = d_in + 1
+        tag = f"{s['name']} {str(dtype).split('.')[-1]}"
+        if s["kind"] == "conv":
+            x = torch.randn(b * 2, s["c_in"], s["hw"], s["hw"], device=DEV).to(dtype)
+            conv = dict(kernel_size=s["k"], padding=s["k"] // 2)
+
+            def t_cov(x=x, conv=conv, reduce=False):
+                p = F.unfold(x, **conv)  # (B, D, R)
+                rows = p.mean(2) if reduce else p.transpose(1, 2).reshape(-1, p.shape[1])
+                rows = with_one(rows)
+                return rows.T @ rows
+            m = x.shape[0] * r
+            out.append((f"conv_cov expand, {tag}", lambda x=x, conv=conv: cov.conv_covariance_triton(
+                x, append_one=True, **conv), t_cov,
+                lambda x=x, conv=conv: cov.conv_covariance_reference(x.double(), append_one=True, **conv),
+                m * dp * (dp + 1), x.numel() * el + dp * dp * 4, dtype))
+            out.append((f"conv_cov reduce, {tag}", lambda x=x, conv=conv: cov.conv_covariance_triton(
+                x, append_one=True, reduce=True, **conv), lambda x=x: t_cov(x, reduce=True),
+                lambda x=x, conv=conv: cov.conv_covariance_reference(x.double(), append_one=True, reduce=True,
+                                                                     **conv),
+                x.shape[0] * (r * d_in + dp * dp), x.numel() * el + dp * dp * 4, dtype))
+        else:
+            a2 = torch.randn(b * r if r > 1 else b * 16, d_in, device=DEV).to(dtype)
+            out.append((f"linear_cov, {tag}", lambda a2=a2: cov.linear_covariance_triton(a2, append_one=True),
+                        lambda a2=a2: (lambda y: y.T @ y)(with_one(a2)),
+                        lambda a2=a2: cov.linear_covariance_reference(a2.double(), append_one=True),
+                        a2.shape[0] * dp * (dp + 1), a2.numel() * el + dp * dp * 4, dtype))
+        # (a, g) per example; the pipeline hands conv layers' patches
+        a = (torch.randn(b, r, d_in, device=DEV) * 0.5).to(dtype)
+        g = (torch.randn(b, r, d_out, device=DEV) / math.sqrt(r)).to(dtype)
+        qa, qg = orth(dp, torch.float32), orth(d_out, torch.float32)
+        f64 = lambda *ts: [t.double() for t in ts]  # noqa: E731
+        io = (a.numel() + g.numel()) * el
+
+        def t_rot(a=a, g=g, qa=qa, qg=qg):
+            return torch.addmm(qa[-1].to(dtype), a.reshape(-1, a.shape[-1]), qa[:-1].to(dtype)).view(
+                a.shape[0], a.shape[1], -1), g @ qg.to(dtype)
+
+        def t_ec(t_rot=t_rot):
+            ar, gr = t_rot()
+            if ar.shape[1] == 1:
+                return (gr[:, 0].float() ** 2).T @ (ar[:, 0].float() ** 2)
+            return (torch.einsum("bro,bri->boi", gr, ar).float() ** 2).sum(0)
+        rot_flops = 2 * b * r * (dp * dp + d_out * d_out)
+        out.append((f"eig_correction, {tag}", lambda a=a, g=g, qa=qa, qg=qg: ec.eigenvalue_correction_triton(
+            a, g, qa, qg, append_one=True), t_ec,
+            lambda a=a, g=g, qa=qa, qg=qg: ec.eigenvalue_correction_reference(*f64(a, g, qa, qg), append_one=True),
+            rot_flops + 2 * b * r * d_out * dp, 2 * io + d_out * dp * 4, dtype))
+        lam = torch.rand(d_out, dp, device=DEV) + 0.1
+        if r > 1:
+            def t_self(t_rot=t_rot, lam=lam):
+                ar, gr = t_rot()
+                return ((torch.einsum("bro,bri->boi", gr, ar).float() ** 2) / (lam + 1e-3)).sum((1, 2))
+            out.append((f"self_scores, {tag}", lambda a=a, g=g, qa=qa, qg=qg, lam=lam:
+                        ec.eigenbasis_self_scores_triton(a, g, qa, qg, lam, 1e-3, append_one=True), t_self,
+                        lambda a=a, g=g, qa=qa, qg=qg, lam=lam: ec.eigenbasis_self_scores_reference(
+                            *f64(a, g, qa, qg, lam), 1e-3, append_one=True),
+                        rot_flops + 2 * b * r * d_out * dp, 2 * io + d_out * dp * 4, dtype))
+        p = (torch.randn(QUERIES, d_out, dp, device=DEV)).to(dtype)
+
+        def t_pw(a=a, g=g, p=p):
+            grads = torch.einsum("bro,bri->boi", g, with_one(a))
+            return (p.reshape(p.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T).float()
+        out.append((f"pairwise, {tag}", lambda a=a, g=g, p=p: pw.pairwise_scores_triton(a, g, p, append_one=True),
+                    t_pw, lambda a=a, g=g, p=p: pw.pairwise_scores_reference(*f64(a, g, p), append_one=True),
+                    2 * b * r * d_out * dp + 2 * QUERIES * b * d_out * dp, io + p.numel() * el, dtype))
+        if dtype == LOWP:
+            q8 = pw.quantize_int8(p.float())
+
+            def t_pw8(a=a, g=g, q8=q8):
+                grads = torch.einsum("bro,bri->boi", g, with_one(a))
+                pp = q8.dequantize(dtype)
+                return (pp.reshape(pp.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T).float()
+            out.append((f"pairwise int8, {tag}", lambda a=a, g=g, q8=q8: pw.pairwise_scores_triton(
+                a, g, q8, append_one=True), t_pw8, lambda a=a, g=g, q8=q8: pw.pairwise_scores_reference(
+                    *f64(a, g), q8, append_one=True),
+                2 * b * r * d_out * dp + 2 * QUERIES * b * d_out * dp, io + p.numel(), dtype))
+        if dtype == torch.float32 or s["kind"] == "linear":
+            v = torch.randn(PRECOND_QUERIES, d_out, dp, device=DEV)
+
+            def t_pc(v=v, qa=qa, qg=qg, lam=lam):
+                return qg @ ((qg.T @ v @ qa) / (lam + 1e-3)) @ qa.T
+            out.append((f"precondition, {s['name']} fp32", lambda v=v, qa=qa, qg=qg, lam=lam:
+                        pc.precondition_triton(v, qa, qg, lam, 1e-3), t_pc,
+                        lambda v=v, qa=qa, qg=qg, lam=lam: pc.precondition_reference(*f64(v, qa, qg, lam), 1e-3),
+                        4 * PRECOND_QUERIES * d_out * dp * (dp + d_out), 2 * v.numel() * 4, torch.float32))
+    return out
+
+
+def tiny_cases():
+    """Odd tiny shapes (not multiples of any block) through every kernel path, atomics forced."""
+    res = []
+    a = torch.randn(5, 7, 19, device=DEV)
+    g = torch.randn(5, 7, 13, device=DEV)
+    qa, qg = orth(20, torch.float32), orth(13, torch.float32)
+    lam = torch.rand(13, 20, device=DEV) + 0.5
+    p = torch.randn(3, 13, 20, device=DEV)
+    x = torch.randn(3, 5, 7, 6, device=DEV)
+    d = lambda *ts: [t.double() for t in ts]  # noqa: E731
+    res.append(("tiny linear_cov split", cov.linear_covariance_triton(a[:, 0], append_one=True, split=3),
+                cov.linear_covariance_reference(a[:, 0].double(), append_one=True)))
+    for red in (False, True):
+        res.append((f"tiny conv_cov reduce={red}",
+                    cov.conv_covariance_triton(x, (3, 2), 2, (1, 0), (1, 2), reduce=red, append_one=True, split=2),
+                    cov.conv_covariance_reference(x.double(), (3, 2), 2, (1, 0), (1, 2), reduce=red, append_one=True)))
+    for rr in (7, 1):
+        res.append((f"tiny eig_correction R={rr}",
+                    ec.eigenvalue_correction_triton(a[:, :rr], g[:, :rr], qa, qg, append_one=True, split=2),
+                    ec.eigenvalue_correction_reference(*d(a[:, :rr], g[:, :rr], qa, qg), append_one=True)))
+    res.append(("tiny self_scores", ec.eigenbasis_self_scores_triton(a, g, qa, qg, lam, 0.1, append_one=True),
+                ec.eigenbasis_self_scores_reference(*d(a, g, qa, qg, lam), 0.1, append_one=True)))
+    res.append(("tiny precondition", pc.precondition_triton(p, qa, qg, lam, 0.1),
+                pc.precondition_reference(*d(p, qa, qg, lam), 0.1)))
+    res.append(("tiny pairwise", pw.pairwise_scores_triton(a, g, p, append_one=True, split=3),
+                pw.pairwise_scores_reference(*d(a, g, p), append_one=True)))
+    lo = [t.to(LOWP) for t in (a, g, p)]
+    res.append(("tiny pairwise bf16", pw.pairwise_scores_triton(*lo, append_one=True),
+                pw.pairwise_scores_reference(*d(*lo), append_one=True)))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    args = ap.parse_args()
+    t_start = time.time()
+    props = torch.cuda.get_device_properties(0)
+    print(f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}; fp32 dot precision "
+          f"{os.environ.get('KFAC_TRITON_FP32_PRECISION', 'tf32x3')}", flush=True)
+    torch.manual_seed(0)
+    failures = []
+    for name, got, ref in tiny_cases():
+        err = rel(got, ref)
+        tol = 2e-2 if "bf16" in name else 1e-4
+        ok = err <= tol
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err {err:.2e}", flush=True)
+        if not ok:
+            failures.append(name)
+
+    rows = []
+    for dtype in DTYPES:
+        for name, kern, tfn, reffn, flops, nbytes, dt in cases(dtype, CIFAR):
+            if time.time() - t_start > args.budget_s:
+                print(f"skip {name}: time budget spent", flush=True)
+                continue
+            row = dict(name=name)
+            try:
+                ref = reffn()
+                torch.cuda.synchronize()
+                outs = []
+                for _ in range(3):
+                    poison()
+                    outs.append(kern().double())
+                    torch.cuda.synchronize()
+                err = rel(outs[0], ref)
+                terr = rel(tfn(), ref)
+                race = max(float((o - outs[0]).norm() / outs[0].norm().clamp_min(1e-300)) for o in outs[1:])
+                atol = 1e-5 if dt == torch.float32 else 1e-3
+                ok = (err == err) and err <= 2 * terr + atol and race <= 1e-5
+                t_k = do_bench(kern, warmup=10, rep=40, return_mode="median")
+                t_t = do_bench(tfn, warmup=10, rep=40, return_mode="median")
+                m_k, m_t = peak_bytes(kern), peak_bytes(tfn)
+                tflops = flops / (t_k * 1e-3) / 1e12
+                gbs = nbytes / (t_k * 1e-3) / 1e9
+                roof = max(flops / PEAK_FLOPS[dt], nbytes / PEAK_BYTES) / (t_k * 1e-3) * 100
+                row.update(ok=ok, err=err, torch_err=terr, race=race, ms=t_k, torch_ms=t_t, speedup=t_t / t_k,
+                           mem_ratio=m_k / max(1, m_t), tflops=tflops, gbs=gbs, roofline_pct=roof,
+                           peak_mb=m_k / 2**20, torch_peak_mb=m_t / 2**20)
+                if not ok:
+                    failures.append(name)
+            except Exception as exc:  # noqa: BLE001 - keep checking the other kernels
+                traceback.print_exc()
+                row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                failures.append(name)
+            rows.append(row)
+            if "ms" in row:
+                print(f"{'ok  ' if row['ok'] else 'FAIL'} {name}: err {row['err']:.1e} (torch {row['torch_err']:.1e}) "
+                      f"race {row['race']:.0e} {row['ms']:.3f} ms vs {row['torch_ms']:.3f} ms", flush=True)
+            else:
+                print(f"FAIL {name}: {row['error']}", flush=True)
+            torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| kernel / layer | ok | rel err (torch) | ms (torch ms) | speed-up | peak mem ratio | TFLOP/s | GB/s | "
+          "roofline % |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "ms" not in r:
+            print(f"| {r['name']} | FAIL | {r.get('error', '')[:60]} | | | | | | |")
+            continue
+        print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r['err']:.1e} ({r['torch_err']:.1e}) | "
+              f"{r['ms']:.3f} ({r['torch_ms']:.3f}) | {r['speedup']:.2f}x | {r['mem_ratio']:.2f} | "
+              f"{r['tflops']:.1f} | {r['gbs']:.0f} | {r['roofline_pct']:.0f} |")
+    print(f"\n{len(failures)} failures{': ' + ', '.join(failures) if failures else ''}; "
+          f"total {time.time() - t_start:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Covariance accumulation: ``out += sum_rows [x, 1]^T [x, 1]`` for linear inputs, and for Conv2d inputs
+through their patches (K-FAC expand) or the position-mean of their patches (K-FAC reduce).
+
+All functions return an unnormalised SUM over rows; the caller divides by its count (design.md, section 2).
+With ``append_one`` the homogeneous bias coordinate is the LAST row/column.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..dispatch import register
+from ._checks import acc_dtype, accumulate, check_out, check_tensor
+from .im2col import IntPair, unfold_conv_input
+
+
+def _with_one(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+
+
+@register("linear_covariance", "torch")
+def linear_covariance_reference(a: torch.Tensor, *, append_one: bool = False,
+                                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a: (M, D)`` rows -> ``(D', D')`` sum of outer products, D' = D + append_one."""
+    check_tensor("a", a, 2)
+    d = a.shape[1] + int(append_one)
+    check_out(out, (d, d), a.device)
+    x = a.to(acc_dtype(a))
+    if append_one:
+        x = _with_one(x)
+    return accumulate(out, x.T @ x)
+
+
+@register("conv_covariance", "torch")
+def conv_covariance_reference(x: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0,
+                              dilation: IntPair = 1, *, reduce: bool = False, append_one: bool = False,
+                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Covariance of the patches of ``x: (B, C, H, W)``.
+
+    expand (``reduce=False``): sum over (b, r) of p_br p_br^T, p = [patch, 1].
+    reduce (``reduce=True``): sum over b of m_b m_b^T, m_b = mean_r [patch_br, 1].
+    Returns ``(C*kh*kw + append_one,)*2``. This reference unfolds; the Triton kernel does not.
+    """
+    check_tensor("x", x, 4)
+    p = unfold_conv_input(x.to(acc_dtype(x)), kernel_size, stride, padding, dilation)  # (B, R, D)
+    rows = p.mean(dim=1) if reduce else p.reshape(-1, p.shape[-1])
+    return linear_covariance_reference(rows, append_one=append_one, out=out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: one kernel for dense rows and implicit-im2col conv patches. Each program owns one tile pair (ti <= tj) of
+# the upper triangle and a slice of the rows; it writes its tile and, off the diagonal, the mirrored tile, so the
+# lower triangle is never computed. With more than one row slice per tile the tiles meet through atomics.
+# ---------------------------------------------------------------------------------------------------------------
+from ._triton import HAS_TRITON  # noqa: E402
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._triton_common import any_float64, cdiv, fp32_precision, kernel_dtype, num_programs_target, split_count
+    from .im2col import conv_output_size, pair
+
+    @triton.jit
+    def _load_rows(x_ptr, rows, cols, row_mask, D, s0, s1, C, H, W, OW, R, sB, sC, sH, sW,
+                   KH: tl.constexpr, KW: tl.constexpr, SH, SW, PH, PW, DH, DW,
+                   IS_CONV: tl.constexpr, APPEND_ONE: tl.constexpr):
+        """Tile ``X[rows, cols]`` (rows, cols broadcastable index tensors) of the row matrix: a dense (M, D) matrix,
+        or the patches of an NCHW tensor (row = b * R + output pixel, col = (c, ki, kj) in ``F.unfold`` order).
+        Column D is the homogeneous 1 when APPEND_ONE; padding and out-of-range entries are 0."""
+        col_ok = cols < D
+        if IS_CONV:
+            b = rows // R
+            r = rows % R
+            oh = r // OW
+            ow = r % OW
+            c = cols // (KH * KW)
+            kk = cols % (KH * KW)
+            ih = oh * SH - PH + (kk // KW) * DH
+            iw = ow * SW - PW + (kk % KW) * DW
+            mask = row_mask & col_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            val = tl.load(x_ptr + b * sB + c * sC + ih * sH + iw * sW, mask=mask, other=0.0)
+        else:
+            val = tl.load(x_ptr + rows * s0 + cols * s1, mask=row_mask & col_ok, other=0.0)
+        if APPEND_ONE:
+            val = tl.where(row_mask & (cols == D), 1.0, val)
+        return val.to(x_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _gram_kernel(x_ptr, out_ptr, pairs_ptr, M, D, DP, rows_per_split,
+                     s0, s1, C, H, W, OW, R, sB, sC, sH, sW,
+                     KH: tl.constexpr, KW: tl.constexpr, SH, SW, PH, PW, DH, DW,
+                     IS_CONV: tl.constexpr, APPEND_ONE: tl.constexpr, ATOMIC: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+        """out (DP, DP) float32 [+]= X^T X over this program's row slice, for tile pair ``pairs[pid]``."""
+        pid = tl.program_id(0)
+        ti = tl.load(pairs_ptr + 2 * pid)
+        tj = tl.load(pairs_ptr + 2 * pid + 1)
+        ci = ti * BLOCK_D + tl.arange(0, BLOCK_D)
+        cj = tj * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_lo = tl.program_id(1) * rows_per_split
+        m_hi = tl.minimum(M, m_lo + rows_per_split)
+        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        for m0 in range(m_lo, m_hi, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            rmask = (rm < m_hi)[:, None]
+            xi = _load_rows(x_ptr, rm[:, None], ci[None, :], rmask, D, s0, s1, C, H, W, OW, R, sB, sC, sH, sW,
+                            KH, KW, SH, SW, PH, PW, DH, DW, IS_CONV, APPEND_ONE)
+            xj = _load_rows(x_ptr, rm[:, None], cj[None, :], rmask, D, s0, s1, C, H, W, OW, R, sB, sC, sH, sW,
+                            KH, KW, SH, SW, PH, PW, DH, DW, IS_CONV, APPEND_ONE)
+            acc = tl.dot(tl.trans(xi), xj, acc, input_precision=PRECISION)
+        mask = (ci[:, None] < DP) & (cj[None, :] < DP)
+        p = out_ptr + ci[:, None] * DP + cj[None, :]
+        pt = out_ptr + cj[None, :] * DP + ci[:, None]  # the mirrored tile (j, i), written from the same registers
+        # Atomics: tiles of different row slices race here; the interpreter runs programs one after another, so
+        # races cannot show in the tests: bench/gpu_check.sh repeats these launches on the GPU and compares.
+        if ATOMIC:
+            tl.atomic_add(p, acc, mask=mask)
+            tl.atomic_add(pt, acc, mask=mask & (ti != tj))
+        else:
+            tl.store(p, acc, mask=mask)
+            tl.store(pt, acc, mask=mask & (ti != tj))
+
+    @triton.jit
+    def _patch_mean_kernel(x_ptr, out_ptr, D, s0, s1, C, H, W, OW, R, sB, sC, sH, sW,
+                           KH: tl.constexpr, KW: tl.constexpr, SH, SW, PH, PW, DH, DW,
+                           BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """out[b, :D] = mean over output pixels r of the patch of example b (K-FAC reduce), float32."""
+        b = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            rows = b * R + rr
+            tile = _load_rows(x_ptr, rows[:, None], cols[None, :], (rr < R)[:, None], D, s0, s1, C, H, W, OW, R,
+                              sB, sC, sH, sW, KH, KW, SH, SW, PH, PW, DH, DW, True, False)
+            acc += tl.sum(tile.to(tl.float32), axis=0)
+        tl.store(out_ptr + b * D + cols, acc / R, mask=cols < D)
+
+    def _gram_blocks(dp: int, device: torch.device):
+        if device.type != "cuda":
+            return 16, 16, 4
+        return (128, 32, 8) if dp >= 512 else (64, 32, 4)
+
+    def _launch_gram(x: torch.Tensor, m: int, d: int, append_one: bool, conv_args, split: Optional[int]):
+        dp = d + int(append_one)
+        block_d, block_m, warps = _gram_blocks(dp, x.device)
+        nt = cdiv(dp, block_d)
+        pairs = torch.tensor([(i, j) for i in range(nt) for j in range(i, nt)], dtype=torch.int32, device=x.device)
+        n_pairs = pairs.shape[0]
+        if split is None:
+            split = split_count(n_pairs, num_programs_target(x.device), max(1, cdiv(m, 4 * block_m)))
+        rows_per_split = cdiv(cdiv(m, split), block_m) * block_m
+        split = cdiv(m, rows_per_split) if m else 1
+        buf = (torch.zeros if split > 1 else torch.empty)((dp, dp), dtype=torch.float32, device=x.device)
+        if m == 0:
+            return buf.zero_()
+        _gram_kernel[(n_pairs, split)](
+            x, buf, pairs, m, d, dp, rows_per_split, *conv_args,
+            IS_CONV=x.dim() == 4, APPEND_ONE=append_one, ATOMIC=split > 1, BLOCK_D=block_d, BLOCK_M=block_m,
+            PRECISION=fp32_precision(), num_warps=warps, num_stages=3 if x.device.type == "cuda" else 1)
+        return buf
+
+    def _dense_args(a: torch.Tensor):
+        return (a.stride(0), a.stride(1)) + (1,) * 9 + (1, 1, 1, 1, 0, 0, 1, 1)
+
+    def _conv_args(x, kernel_size, stride, padding, dilation):
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pair(kernel_size), pair(stride), pair(padding), pair(dilation)
+        b, c, h, w = x.shape
+        oh, ow = conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+        return (oh, ow, (0, 0, c, h, w, ow, oh * ow) + tuple(x.stride()) + (kh, kw, sh, sw, ph, pw, dh, dw))
+
+    @register("linear_covariance", "triton")
+    def linear_covariance_triton(a: torch.Tensor, *, append_one: bool = False, out: Optional[torch.Tensor] = None,
+                                 split: Optional[int] = None) -> torch.Tensor:
+        """Triton ``linear_covariance``: ``a: (M, D)`` -> ``(D', D')`` float32 sum (float64 inputs: reference)."""
+        check_tensor("a", a, 2)
+        d = a.shape[1] + int(append_one)
+        check_out(out, (d, d), a.device)
+        if any_float64(a, out):
+            return linear_covariance_reference(a, append_one=append_one, out=out)
+        x = a.to(kernel_dtype(a))
+        buf = _launch_gram(x, a.shape[0], a.shape[1], append_one, _dense_args(x), split)
+        return accumulate(out, buf)
+
+    @register("conv_covariance", "triton")
+    def conv_covariance_triton(x: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0,
+                               dilation: IntPair = 1, *, reduce: bool = False, append_one: bool = False,
+                               out: Optional[torch.Tensor] = None, split: Optional[int] = None) -> torch.Tensor:
+        """Triton ``conv_covariance`` straight from ``x: (B, C, H, W)``: expand streams patches by implicit
+        im2col; reduce first forms the (B, C*kh*kw) patch means (a small tensor), then their Gram matrix."""
+        check_tensor("x", x, 4)
+        kh, kw = pair(kernel_size)
+        d = x.shape[1] * kh * kw
+        check_out(out, (d + int(append_one),) * 2, x.device)
+        if any_float64(x, out):
+            return conv_covariance_reference(x, kernel_size, stride, padding, dilation, reduce=reduce,
+                                             append_one=append_one, out=out)
+        xk = x.to(kernel_dtype(x))
+        oh, ow, args = _conv_args(xk, kernel_size, stride, padding, dilation)
+        r = oh * ow
+        if not reduce:
+            buf = _launch_gram(xk, x.shape[0] * r, d, append_one, args, split)
+            return accumulate(out, buf)
+        means = torch.empty(x.shape[0], d, dtype=torch.float32, device=x.device)
+        block_d = 64 if x.device.type == "cuda" else 16
+        if x.shape[0]:
+            _patch_mean_kernel[(x.shape[0], cdiv(d, block_d))](
+                xk, means, d, *args, BLOCK_D=block_d, BLOCK_R=32 if x.device.type == "cuda" else 16)
+        buf = _launch_gram(means, x.shape[0], d, append_one, _dense_args(means), split)
+        return accumulate(out, buf)

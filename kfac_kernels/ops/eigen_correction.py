@@ -1,0 +1,247 @@
+"""EK-FAC eigenvalue correction and eigenbasis self-influence.
+
+For each example b the gradient in the Kronecker eigenbasis is
+``Z_b = Q_G^T (sum_r g_br a_br'^T) Q_A = (g_b Q_G)^T (a_b' Q_A)``, a' = [a, 1] when ``append_one``.
+
+* ``eigenvalue_correction``: ``out += sum_b Z_b ** 2`` (D_out, D_in'); the caller divides by its count.
+* ``eigenbasis_self_scores``: ``s_b = sum (Z_b ** 2 / (Lambda + damping))`` = <P(grad_b), grad_b>.
+
+For R = 1 the correction is a GEMM of squares: ``(g_rot ** 2)^T (a_rot ** 2)``.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Union
+
+import torch
+
+from ..dispatch import register
+from ._checks import acc_dtype, accumulate, check_out, check_tensor
+from .per_example import check_ag, chunk_size_for, rotate_inputs
+
+
+def _check_bases(a, g, q_a, q_g, append_one):
+    check_ag(a, g)
+    check_tensor("q_a", q_a, 2)
+    check_tensor("q_g", q_g, 2)
+    d_in = a.shape[-1] + int(append_one)
+    if q_a.shape != (d_in, d_in):
+        raise ValueError(f"q_a has shape {tuple(q_a.shape)}, expected {(d_in, d_in)}")
+    if q_g.shape != (g.shape[-1],) * 2:
+        raise ValueError(f"q_g has shape {tuple(q_g.shape)}, expected {(g.shape[-1],) * 2}")
+    return d_in
+
+
+def rotated_gradients(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, *,
+                      append_one: bool = False, chunk_size: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Yield chunks ``Z: (b, D_out, D_in')`` of per-example gradients in the eigenbasis."""
+    dt = acc_dtype(a, g, q_a, q_g)
+    a_rot = rotate_inputs(a.to(dt), q_a.to(dt), append_one)
+    g_rot = g.to(dt) @ q_g.to(dt)
+    b = a.shape[0]
+    per_ex = (g_rot.shape[-1] * a_rot.shape[-1]) * a_rot.element_size()
+    step = chunk_size or chunk_size_for(b, per_ex)
+    for s in range(0, b, step):
+        yield torch.einsum("bro,bri->boi", g_rot[s:s + step], a_rot[s:s + step])
+
+
+@register("eigenvalue_correction", "torch")
+def eigenvalue_correction_reference(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, *,
+                                    append_one: bool = False, out: Optional[torch.Tensor] = None,
+                                    chunk_size: Optional[int] = None) -> torch.Tensor:
+    """``a: (B, R, D_in)``, ``g: (B, R, D_out)`` -> ``out += sum_b Z_b**2``, shape ``(D_out, D_in')``."""
+    d_in = _check_bases(a, g, q_a, q_g, append_one)
+    check_out(out, (g.shape[-1], d_in), a.device)
+    dt = acc_dtype(a, g, q_a, q_g)
+    if a.shape[1] == 1:  # R = 1: GEMM of squares
+        a_rot = rotate_inputs(a[:, 0].to(dt), q_a.to(dt), append_one)
+        g_rot = g[:, 0].to(dt) @ q_g.to(dt)
+        return accumulate(out, (g_rot ** 2).T @ (a_rot ** 2))
+    total = torch.zeros(g.shape[-1], d_in, dtype=dt, device=a.device)
+    for z in rotated_gradients(a, g, q_a, q_g, append_one=append_one, chunk_size=chunk_size):
+        total += (z ** 2).sum(0)
+    return accumulate(out, total)
+
+
+@register("eigenbasis_self_scores", "torch")
+def eigenbasis_self_scores_reference(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor,
+                                     eigenvalues: torch.Tensor, damping: Union[float, torch.Tensor], *,
+                                     append_one: bool = False, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Self-influence ``(B,)``: ``sum Z_b**2 / (eigenvalues + damping)``."""
+    d_in = _check_bases(a, g, q_a, q_g, append_one)
+    if eigenvalues.shape != (g.shape[-1], d_in):
+        raise ValueError(f"eigenvalues have shape {tuple(eigenvalues.shape)}, expected {(g.shape[-1], d_in)}")
+    dt = acc_dtype(a, g, q_a, q_g)
+    inv = 1.0 / (eigenvalues.to(dt) + damping)
+    parts = [((z ** 2) * inv).sum(dim=(1, 2))
+             for z in rotated_gradients(a, g, q_a, q_g, append_one=append_one, chunk_size=chunk_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dt, device=a.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton. The launchers rotate the inputs once (a' Q_A and g Q_G: two GEMMs, same size as a and g); the kernels
+# then form each example's (BLOCK_O, BLOCK_I) tile of Z_b = g_rot^T a_rot on chip, summing over positions, and
+# square it into Lambda (or weight it by 1 / (Lambda + damping) for self-scores). Z_b never reaches memory.
+# ---------------------------------------------------------------------------------------------------------------
+from ._triton import HAS_TRITON  # noqa: E402
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._triton_common import any_float64, cdiv, fp32_precision, kernel_dtype, num_programs_target, split_count
+
+    @triton.jit
+    def _ekfac_tile_kernel(g_ptr, a_ptr, out_ptr, inv_ptr, score_ptr, B, R, DO, DI, b_per_split, n_ti,
+                           sgb, sgr, sgo, sab, sar, sai,
+                           SELF_SCORES: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_O: tl.constexpr,
+                           BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+        """Per program: one (o, i) tile, examples [b_lo, b_hi). ``g: (B, R, DO)``, ``a: (B, R, DI)`` rotated.
+        Correction: out (DO, DI) float32 [+]= sum_b Z_b**2. Self-scores: score[b] += sum Z_b**2 * inv (atomic)."""
+        t = tl.program_id(0)
+        oo = (t // n_ti) * BLOCK_O + tl.arange(0, BLOCK_O)
+        ii = (t % n_ti) * BLOCK_I + tl.arange(0, BLOCK_I)
+        omask = oo < DO
+        imask = ii < DI
+        b_lo = tl.program_id(1) * b_per_split
+        b_hi = tl.minimum(B, b_lo + b_per_split)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        if SELF_SCORES:
+            inv = tl.load(inv_ptr + oo[:, None] * DI + ii[None, :], mask=omask[:, None] & imask[None, :], other=0.0)
+        for b in range(b_lo, b_hi):
+            z = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                rmask = rr < R
+                gt = tl.load(g_ptr + b * sgb + rr[None, :] * sgr + oo[:, None] * sgo,
+                             mask=omask[:, None] & rmask[None, :], other=0.0)
+                at = tl.load(a_ptr + b * sab + rr[:, None] * sar + ii[None, :] * sai,
+                             mask=rmask[:, None] & imask[None, :], other=0.0)
+                z = tl.dot(gt, at, z, input_precision=PRECISION)
+            if SELF_SCORES:
+                # Atomics: every (o, i) tile adds into score[b]; races cannot show in the interpreter (programs run
+                # one at a time) and are covered by bench/gpu_check.sh, which repeats launches and compares.
+                tl.atomic_add(score_ptr + b, tl.sum(tl.sum(z * z * inv, axis=1), axis=0))
+            else:
+                acc += z * z
+        if not SELF_SCORES:
+            p = out_ptr + oo[:, None] * DI + ii[None, :]
+            mask = omask[:, None] & imask[None, :]
+            if ATOMIC:  # example slices meet here (see the note above on races)
+                tl.atomic_add(p, acc, mask=mask)
+            else:
+                tl.store(p, acc, mask=mask)
+
+    @triton.jit
+    def _square_gemm_kernel(g_ptr, a_ptr, out_ptr, B, DO, DI, b_per_split, n_ti, sgb, sgo, sab, sai,
+                            ATOMIC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                            BLOCK_B: tl.constexpr, PRECISION: tl.constexpr):
+        """R = 1: out (DO, DI) [+]= (g_rot**2)^T (a_rot**2) over examples [b_lo, b_hi); squares in float32."""
+        t = tl.program_id(0)
+        oo = (t // n_ti) * BLOCK_O + tl.arange(0, BLOCK_O)
+        ii = (t % n_ti) * BLOCK_I + tl.arange(0, BLOCK_I)
+        b_lo = tl.program_id(1) * b_per_split
+        b_hi = tl.minimum(B, b_lo + b_per_split)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for b0 in range(b_lo, b_hi, BLOCK_B):
+            bb = b0 + tl.arange(0, BLOCK_B)
+            bmask = bb < b_hi
+            gt = tl.load(g_ptr + bb[None, :] * sgb + oo[:, None] * sgo, mask=bmask[None, :] & (oo < DO)[:, None],
+                         other=0.0).to(tl.float32)
+            at = tl.load(a_ptr + bb[:, None] * sab + ii[None, :] * sai, mask=bmask[:, None] & (ii < DI)[None, :],
+                         other=0.0).to(tl.float32)
+            acc = tl.dot(gt * gt, at * at, acc, input_precision=PRECISION)
+        p = out_ptr + oo[:, None] * DI + ii[None, :]
+        mask = (oo < DO)[:, None] & (ii < DI)[None, :]
+        if ATOMIC:  # example slices meet here; races are checked by bench/gpu_check.sh, not the interpreter
+            tl.atomic_add(p, acc, mask=mask)
+        else:
+            tl.store(p, acc, mask=mask)
+
+    def _rotate(a, g, q_a, q_g, append_one):
+        """(a' Q_A, g Q_G) in the kernels' operand dtype; the bias row of Q_A enters as addmm's bias."""
+        dt = kernel_dtype(a, g)
+        b, r, d_in = a.shape
+        qa, qg = q_a.to(dt), q_g.to(dt)
+        a2 = a.reshape(b * r, d_in).to(dt)
+        if append_one:
+            a_rot = torch.addmm(qa[d_in], a2, qa[:d_in])
+        else:
+            a_rot = a2 @ qa
+        g_rot = g.reshape(b * r, -1).to(dt) @ qg
+        return a_rot.view(b, r, -1), g_rot.view(b, r, -1)
+
+    def _tile_blocks(device):
+        if device.type != "cuda":
+            return 16, 16, 16, 4
+        return 64, 64, 32, 4
+
+    def _launch_tiles(a_rot, g_rot, inv=None, split=None):
+        b, r, d_in = a_rot.shape
+        d_out = g_rot.shape[-1]
+        bo, bi, br, warps = _tile_blocks(a_rot.device)
+        n_ti = cdiv(d_in, bi)
+        n_tiles = cdiv(d_out, bo) * n_ti
+        self_scores = inv is not None
+        if self_scores:
+            split = split or split_count(n_tiles, num_programs_target(a_rot.device), max(1, b))
+        elif split is None:
+            split = split_count(n_tiles, num_programs_target(a_rot.device), max(1, b // 4))
+        b_per = cdiv(b, split)
+        split = max(1, cdiv(b, b_per))
+        out = torch.zeros((b,) if self_scores else (d_out, d_in), dtype=torch.float32, device=a_rot.device)
+        if b == 0:
+            return out
+        _ekfac_tile_kernel[(n_tiles, split)](
+            g_rot, a_rot, out, inv if self_scores else out, out, b, r, d_out, d_in, b_per, n_ti,
+            *g_rot.stride(), *a_rot.stride(), SELF_SCORES=self_scores, ATOMIC=split > 1, BLOCK_O=bo, BLOCK_I=bi,
+            BLOCK_R=br, PRECISION=fp32_precision(), num_warps=warps, num_stages=3 if a_rot.is_cuda else 1)
+        return out
+
+    def _launch_square_gemm(a_rot, g_rot, split=None):
+        b, d_in = a_rot.shape
+        d_out = g_rot.shape[-1]
+        cuda = a_rot.device.type == "cuda"
+        bo, bi, bb, warps = (64, 64, 32, 4) if cuda else (16, 16, 16, 4)
+        n_ti = cdiv(d_in, bi)
+        n_tiles = cdiv(d_out, bo) * n_ti
+        if split is None:
+            split = split_count(n_tiles, num_programs_target(a_rot.device), max(1, cdiv(b, 4 * bb)))
+        b_per = cdiv(cdiv(b, split), bb) * bb
+        split = max(1, cdiv(b, b_per))
+        out = torch.zeros((d_out, d_in), dtype=torch.float32, device=a_rot.device)
+        if b:
+            _square_gemm_kernel[(n_tiles, split)](
+                g_rot, a_rot, out, b, d_out, d_in, b_per, n_ti, *g_rot.stride(), *a_rot.stride(),
+                ATOMIC=split > 1, BLOCK_O=bo, BLOCK_I=bi, BLOCK_B=bb, PRECISION=fp32_precision(),
+                num_warps=warps, num_stages=3 if cuda else 1)
+        return out
+
+    @register("eigenvalue_correction", "triton")
+    def eigenvalue_correction_triton(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, *,
+                                     append_one: bool = False, out: Optional[torch.Tensor] = None,
+                                     split: Optional[int] = None) -> torch.Tensor:
+        """Triton ``eigenvalue_correction`` -> float32 ``(D_out, D_in')`` (float64 inputs: the reference)."""
+        d_in = _check_bases(a, g, q_a, q_g, append_one)
+        check_out(out, (g.shape[-1], d_in), a.device)
+        if any_float64(a, g, q_a, q_g, out):
+            return eigenvalue_correction_reference(a, g, q_a, q_g, append_one=append_one, out=out)
+        a_rot, g_rot = _rotate(a, g, q_a, q_g, append_one)
+        if a.shape[1] == 1:
+            total = _launch_square_gemm(a_rot[:, 0], g_rot[:, 0], split)
+        else:
+            total = _launch_tiles(a_rot, g_rot, split=split)
+        return accumulate(out, total)
+
+    @register("eigenbasis_self_scores", "triton")
+    def eigenbasis_self_scores_triton(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor,
+                                      eigenvalues: torch.Tensor, damping: Union[float, torch.Tensor], *,
+                                      append_one: bool = False, split: Optional[int] = None) -> torch.Tensor:
+        """Triton ``eigenbasis_self_scores`` -> float32 ``(B,)`` (float64 inputs: the reference)."""
+        d_in = _check_bases(a, g, q_a, q_g, append_one)
+        if eigenvalues.shape != (g.shape[-1], d_in):
+            raise ValueError(f"eigenvalues have shape {tuple(eigenvalues.shape)}, expected {(g.shape[-1], d_in)}")
+        if any_float64(a, g, q_a, q_g, eigenvalues, damping):
+            return eigenbasis_self_scores_reference(a, g, q_a, q_g, eigenvalues, damping, append_one=append_one)
+        inv = (1.0 / (eigenvalues.float() + damping)).contiguous()
+        a_rot, g_rot = _rotate(a, g, q_a, q_g, append_one)
+        return _launch_tiles(a_rot, g_rot, inv=inv, split=split)

@@ -1,0 +1,201 @@
+"""Pairwise score contraction: ``S[q, b] = <P_q, sum_r g_br a_br'^T>`` for preconditioned query gradients
+``P: (Q, D_out, D_in')`` against training examples given by their layer inputs and output gradients.
+
+The per-example gradients are formed a chunk of examples at a time (torch path) or tile by tile on chip (Triton),
+never for the whole batch. Query gradients may be int8 with a per-query affine map (see ``quantize_int8``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..dispatch import register
+from ._checks import acc_dtype, accumulate, check_out, check_tensor
+from .per_example import check_ag, chunk_size_for, per_example_gradients
+
+
+class Int8Queries(NamedTuple):
+    """Per-query affine int8: ``value = (q - zero) * scale``. q: (Q, D_out, D_in'), scale/zero: (Q,) float32."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.to(dtype) - self.zero.to(dtype)[:, None, None]) * self.scale.to(dtype)[:, None, None]
+
+
+def quantize_int8(x: torch.Tensor) -> Int8Queries:
+    """Affine int8 quantisation per leading index (one scale and zero point per query tensor)."""
+    flat = x.reshape(x.shape[0], -1).float()
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    scale = torch.clamp((hi - lo) / 255.0, min=torch.finfo(torch.float32).tiny)
+    zero = torch.round(-128.0 - lo / scale)
+    q = torch.clamp(torch.round(flat / scale[:, None] + zero[:, None]), -128, 127).to(torch.int8)
+    return Int8Queries(q.reshape(x.shape), scale, zero)
+
+
+def _query_shape(queries) -> tuple:
+    return tuple((queries.q if isinstance(queries, Int8Queries) else queries).shape)
+
+
+def check_pairwise_args(a, g, queries, append_one):
+    check_ag(a, g)
+    if isinstance(queries, Int8Queries):
+        check_tensor("queries.q", queries.q, 3, (torch.int8,))
+    else:
+        check_tensor("queries", queries, 3)
+    shape = _query_shape(queries)
+    want = (g.shape[-1], a.shape[-1] + int(append_one))
+    if shape[1:] != want:
+        raise ValueError(f"queries have shape {shape}, expected (Q, {want[0]}, {want[1]}) for a "
+                         f"{tuple(a.shape)}, g {tuple(g.shape)}, append_one={append_one}")
+
+
+@register("pairwise_scores", "torch")
+def pairwise_scores_reference(a: torch.Tensor, g: torch.Tensor, queries, *, append_one: bool = False,
+                              out: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """``a: (B, R, D_in)``, ``g: (B, R, D_out)``, ``queries: (Q, D_out, D_in')`` or ``Int8Queries``
+    -> ``out += S``, ``S: (Q, B)``."""
+    check_pairwise_args(a, g, queries, append_one)
+    b = a.shape[0]
+    nq = _query_shape(queries)[0]
+    check_out(out, (nq, b), a.device)
+    dt = acc_dtype(a, g) if not isinstance(queries, Int8Queries) else acc_dtype(a, g)
+    p = queries.dequantize(dt) if isinstance(queries, Int8Queries) else queries.to(dt)
+    a, g = a.to(dt), g.to(dt)
+    per_ex = p.shape[1] * p.shape[2] * p.element_size()
+    step = chunk_size or chunk_size_for(b, per_ex)
+    scores = torch.empty(nq, b, dtype=dt, device=a.device)
+    flat_p = p.reshape(nq, -1)
+    for s in range(0, b, step):
+        grads = per_example_gradients(a[s:s + step], g[s:s + step], append_one=append_one)
+        scores[:, s:s + step] = flat_p @ grads.reshape(grads.shape[0], -1).T
+    return accumulate(out, scores)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: a back-to-back GEMM in the manner of flash attention. A program owns BLOCK_B examples, BLOCK_Q queries
+# and a share of the (o, i) tiles of the weight. For each tile it forms the examples' gradient tiles
+# G (BLOCK_B, BLOCK_O, BLOCK_I) = sum_r g_r a_r'^T with one batched dot over positions, flattens them to
+# (BLOCK_B, BLOCK_O * BLOCK_I) and contracts that with the queries' tile (BLOCK_O * BLOCK_I, BLOCK_Q) into the
+# (BLOCK_B, BLOCK_Q) score block. Per-example gradients never leave the chip; int8 queries are dequantised on load.
+# ---------------------------------------------------------------------------------------------------------------
+from ._triton import HAS_TRITON  # noqa: E402
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._triton_common import (LOW_PRECISION, any_float64, cdiv, fp32_precision, interpreting, kernel_dtype,
+                                 num_programs_target)
+
+    @triton.jit
+    def _pairwise_kernel(a_ptr, g_ptr, p_ptr, scale_ptr, zero_ptr, s_ptr, B, R, DO, DI, DIP, NQ, SPLIT,
+                         sab, sar, sai, sgb, sgr, sgo, spq, spo, spi, ssq, ssb,
+                         APPEND_ONE: tl.constexpr, INT8: tl.constexpr, DOT2_LOW: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_O: tl.constexpr,
+                         BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                         PRECISION2: tl.constexpr):
+        """``s (NQ, B)`` float32 += scores of this program's examples, queries and (o, i) tiles (atomic)."""
+        bb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        qq = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        bmask = bb < B
+        qmask = qq < NQ
+        n_ti = tl.cdiv(DIP, BLOCK_I)
+        n_tiles = tl.cdiv(DO, BLOCK_O) * n_ti
+        per = tl.cdiv(n_tiles, SPLIT)
+        t_lo = tl.program_id(2) * per
+        t_hi = tl.minimum(n_tiles, t_lo + per)
+        kk = tl.arange(0, BLOCK_O * BLOCK_I)
+        if INT8:
+            zero = tl.load(zero_ptr + qq, mask=qmask, other=0.0)
+            scale = tl.load(scale_ptr + qq, mask=qmask, other=0.0)
+        acc = tl.zeros((BLOCK_B, BLOCK_Q), dtype=tl.float32)
+        for t in range(t_lo, t_hi):
+            oo = (t // n_ti) * BLOCK_O + tl.arange(0, BLOCK_O)
+            ii = (t % n_ti) * BLOCK_I + tl.arange(0, BLOCK_I)
+            grad = tl.zeros((BLOCK_B, BLOCK_O, BLOCK_I), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                br = bmask[:, None, None] & (rr < R)[None, None, :]
+                gt = tl.load(g_ptr + bb[:, None, None] * sgb + oo[None, :, None] * sgo + rr[None, None, :] * sgr,
+                             mask=br & (oo < DO)[None, :, None], other=0.0)
+                ar = bmask[:, None, None] & (rr < R)[None, :, None]
+                at = tl.load(a_ptr + bb[:, None, None] * sab + rr[None, :, None] * sar + ii[None, None, :] * sai,
+                             mask=ar & (ii < DI)[None, None, :], other=0.0)
+                if APPEND_ONE:
+                    at = tl.where(ar & (ii == DI)[None, None, :], 1.0, at).to(a_ptr.dtype.element_ty)
+                grad = tl.dot(gt, at, grad, input_precision=PRECISION)
+            flat = tl.reshape(grad, (BLOCK_B, BLOCK_O * BLOCK_I))
+            ko = (t // n_ti) * BLOCK_O + kk // BLOCK_I
+            ki = (t % n_ti) * BLOCK_I + kk % BLOCK_I
+            pmask = ((ko < DO) & (ki < DIP))[:, None] & qmask[None, :]
+            p = tl.load(p_ptr + qq[None, :] * spq + ko[:, None] * spo + ki[:, None] * spi, mask=pmask, other=0)
+            if INT8:
+                p = tl.where(pmask, (p.to(tl.float32) - zero[None, :]) * scale[None, :], 0.0)
+            if DOT2_LOW:
+                acc = tl.dot(flat.to(p_ptr.dtype.element_ty), p, acc)
+            else:
+                acc = tl.dot(flat, p.to(tl.float32), acc, input_precision=PRECISION2)
+        # Atomics: programs of other tile shares add into the same block; races cannot show in the interpreter
+        # (it runs programs one at a time) and are covered by bench/gpu_check.sh, which repeats launches.
+        tl.atomic_add(s_ptr + qq[None, :] * ssq + bb[:, None] * ssb, acc, mask=bmask[:, None] & qmask[None, :])
+
+    def _pairwise_configs(low: bool, cuda: bool):
+        """Candidate (BLOCK_B, BLOCK_Q, BLOCK_O, BLOCK_I, BLOCK_R, warps, stages), largest first; a launch that runs
+        out of shared memory falls back to the next. The per-program register tile is BLOCK_B * BLOCK_O * BLOCK_I
+        float32 values, so the gradient tile is kept at 8-16K elements."""
+        if not cuda:
+            return [(16, 16, 16, 16, 16, 4, 1)]
+        if low:
+            return [(16, 32, 32, 32, 16, 8, 2), (16, 32, 16, 32, 16, 4, 2), (16, 16, 16, 16, 16, 4, 1)]
+        return [(16, 32, 16, 32, 16, 4, 2), (16, 32, 16, 32, 16, 4, 1), (16, 16, 16, 16, 16, 4, 1)]
+
+    _CONFIG_CACHE = {}
+
+    @register("pairwise_scores", "triton")
+    def pairwise_scores_triton(a: torch.Tensor, g: torch.Tensor, queries, *, append_one: bool = False,
+                               out: Optional[torch.Tensor] = None, split: Optional[int] = None) -> torch.Tensor:
+        """Triton ``pairwise_scores``: ``(Q, B)`` float32 (float64 inputs: the reference)."""
+        check_pairwise_args(a, g, queries, append_one)
+        int8 = isinstance(queries, Int8Queries)
+        nq, b = _query_shape(queries)[0], a.shape[0]
+        check_out(out, (nq, b), a.device)
+        if any_float64(a, g, out, None if int8 else queries):
+            return pairwise_scores_reference(a, g, queries, append_one=append_one, out=out)
+        dt = kernel_dtype(a, g)
+        a, g = a.to(dt), g.to(dt)
+        if int8:
+            p, scale, zero = queries.q, queries.scale.float().contiguous(), queries.zero.float().contiguous()
+        else:
+            p = queries if queries.dtype in LOW_PRECISION else queries.float()
+            scale = zero = None
+        dot2_low = (not int8) and p.dtype == dt and dt in LOW_PRECISION
+        cuda = a.device.type == "cuda"
+        d_out, dip = g.shape[-1], a.shape[-1] + int(append_one)
+        scores = torch.zeros(nq, b, dtype=torch.float32, device=a.device)
+        if not (b and nq):
+            return accumulate(out, scores)
+        prec = fp32_precision()
+        key = (dt, int8, dot2_low, cuda)
+        configs = _pairwise_configs(dt in LOW_PRECISION, cuda)
+        configs = configs[configs.index(_CONFIG_CACHE[key]):] if key in _CONFIG_CACHE else configs
+        for k, (bb, bq, bo, bi, br, warps, stages) in enumerate(configs):
+            blocks = cdiv(b, bb) * cdiv(nq, bq)
+            n_tiles = cdiv(d_out, bo) * cdiv(dip, bi)
+            nsplit = split or max(1, min(n_tiles, cdiv(num_programs_target(a.device), blocks)))
+            try:
+                _pairwise_kernel[(cdiv(b, bb), cdiv(nq, bq), nsplit)](
+                    a, g, p, scale if int8 else scores, zero if int8 else scores, scores, b, a.shape[1], d_out,
+                    a.shape[-1], dip, nq, nsplit, *a.stride(), *g.stride(), *p.stride(), *scores.stride(),
+                    APPEND_ONE=append_one, INT8=int8, DOT2_LOW=dot2_low, BLOCK_B=bb, BLOCK_Q=bq, BLOCK_O=bo,
+                    BLOCK_I=bi, BLOCK_R=br, PRECISION=prec,
+                    PRECISION2="tf32" if (int8 and not interpreting()) else prec, num_warps=warps, num_stages=stages)
+            except Exception as exc:  # noqa: BLE001 - Triton's OutOfResources moved between versions
+                if "OutOfResources" not in type(exc).__name__ or k + 1 == len(configs):
+                    raise
+                continue
+            _CONFIG_CACHE[key] = configs[k]
+            break
+        return accumulate(out, scores)

@@ -1,0 +1,192 @@
+"""fit_curvature: K-FAC factors (pass 1), eigendecomposition, EK-FAC eigenvalue correction (pass 2).
+
+Scale conventions (design.md section 2): expand: A = mean over (n, draw, r) of a a^T, G = mean over (n, draw) of
+sum_r g g^T; reduce: a = mean_r a_r, g = sum_r g_r, both averaged over (n, draw). EK-FAC: Lambda = mean over
+(n, draw) of (Q_G^T DW Q_A)^2 with DW = sum_r g_r a_r^T per draw (and per backpropagated vector for type2).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+import kfac_kernels as kk
+
+from ..capture import LayerCapture, LayerSpec, calls_as_rows, grads_as_rows, inputs_as_rows, select_layers
+from ..data_iter import num_examples
+from ..engine import (Checkpointer, forward_capture, iter_groups, layer_gradients, model_device_dtype, use_model_mode,
+                      progress_bar, seeded_rng, total_groups)
+from ..storage import load_tensors, model_fingerprint, save_tensors
+from ..tasks.base import Task
+from .config import CurvatureConfig
+from .curvature import Curvature, tracked_parameters
+
+STATE_FILE = "fit_state.safetensors"
+
+
+def input_covariance(spec: LayerSpec, xs, approx: str):
+    """(sum of a a^T over this chunk, count) for the list of call inputs ``xs`` of one layer."""
+    if spec.kind == "conv2d" and len(xs) == 1:
+        x = xs[0]
+        cov = kk.conv_covariance(x, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
+                                 reduce=approx == "reduce", append_one=spec.has_bias)
+        if approx == "reduce":
+            return cov, x.shape[0]
+        oh, ow = kk.conv_output_size(tuple(x.shape[-2:]), spec.kernel_size, spec.stride, spec.padding, spec.dilation)
+        return cov, x.shape[0] * oh * ow
+    a = torch.cat([inputs_as_rows(spec, x) for x in xs], dim=1)
+    if approx == "reduce":
+        return kk.linear_covariance(a.mean(dim=1), append_one=spec.has_bias), a.shape[0]
+    return kk.linear_covariance(a.reshape(-1, a.shape[-1]), append_one=spec.has_bias), a.shape[0] * a.shape[1]
+
+
+def output_covariance(spec: LayerSpec, calls, approx: str) -> torch.Tensor:
+    g = torch.cat([grads_as_rows(spec, gr) for _, gr in calls], dim=1)
+    rows = g.sum(dim=1) if approx == "reduce" else g.reshape(-1, g.shape[-1])
+    return kk.linear_covariance(rows)
+
+
+class _FitState:
+    """Accumulators of a fit in progress; saved to / restored from ``checkpoint_dir``."""
+
+    def __init__(self, specs: Dict[str, LayerSpec], device: torch.device):
+        self.stage = "factors"
+        self.groups_done = 0
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, float] = {}
+        for n, s in specs.items():
+            self.sums[f"{n}::A"] = torch.zeros(s.d_in_total, s.d_in_total, dtype=torch.float64, device=device)
+            self.sums[f"{n}::G"] = torch.zeros(s.d_out, s.d_out, dtype=torch.float64, device=device)
+            self.counts[f"{n}::A"] = 0
+        self.counts["draws"] = 0
+
+    def start_eigen(self, specs: Dict[str, LayerSpec], device: torch.device) -> None:
+        self.stage, self.groups_done = "eigen", 0
+        for n, s in specs.items():
+            self.sums[f"{n}::Lambda"] = torch.zeros(s.d_out, s.d_in_total, dtype=torch.float64, device=device)
+        self.counts["eigen_draws"] = 0
+
+    def save(self, path: Path, header: dict) -> None:
+        save_tensors(path, self.sums, {**header, "stage": self.stage, "groups_done": self.groups_done,
+                                       "counts": self.counts})
+
+    @classmethod
+    def load(cls, path: Path, header: dict, specs, device) -> "_FitState":
+        tensors, saved = load_tensors(path)
+        for key in ("config", "fingerprint", "num_examples", "batch_size", "num_draws", "task"):
+            if saved.get(key) != header.get(key):
+                raise ValueError(f"the checkpoint {path} was made with a different {key} "
+                                 f"({saved.get(key)!r} vs {header.get(key)!r}); delete it or use another "
+                                 "checkpoint_dir")
+        st = cls(specs, device)
+        st.stage, st.groups_done, st.counts = saved["stage"], saved["groups_done"], saved["counts"]
+        st.sums = {k: v.to(device) for k, v in tensors.items()}
+        return st
+
+
+def _eig(mat: torch.Tensor):
+    s, q = torch.linalg.eigh(mat.double())
+    return s.clamp_min(0), q
+
+
+def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConfig = CurvatureConfig(), *,
+                  batch_size: int = 32, checkpoint_dir: Optional[os.PathLike] = None, progress: bool = True,
+                  model_mode: str = "eval", checkpoint_every: Optional[int] = None) -> Curvature:
+    """Fit (E)K-FAC curvature of ``task``'s training loss on ``data``.
+
+    Args:
+        batch_size: draws (rows) per forward pass.
+        checkpoint_dir: folder for resumable state; an interrupted fit resumed with it gives the same factors.
+        model_mode: "eval" (dropout off, default) or "train" (dropout on, masks seeded per chunk); use the same
+            mode for scoring.
+        checkpoint_every: save every this many groups of examples (default: every 60 s).
+    """
+    if not isinstance(config, CurvatureConfig):
+        raise TypeError("config must be a CurvatureConfig")
+    device, dtype = model_device_dtype(model)
+    modules = select_layers(model, config.modules, config.exclude)
+    capture = LayerCapture(modules)
+    specs = capture.specs
+    n = num_examples(data)
+    if n == 0:
+        raise ValueError("the training data is empty")
+    m = int(config.num_draws or task.num_draws("train"))
+    header = {"kind": "fit_state", "config": config.to_dict(), "num_examples": n, "batch_size": int(batch_size),
+              "num_draws": m, "task": type(task).__name__,
+              "fingerprint": model_fingerprint(tracked_parameters(modules))}
+    ckpt = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
+    state = _FitState.load(ckpt, header, specs, device) if ckpt is not None and ckpt.exists() \
+        else _FitState(specs, device)
+    saver = Checkpointer((lambda done: state.save(ckpt, header)) if ckpt else None, every=checkpoint_every)
+    groups = total_groups(data, batch_size, m)
+
+    def run_pass(stage: str, on_chunk) -> None:
+        bar = progress_bar(groups, f"curvature {stage}", progress, initial=state.groups_done)
+        for g, _, chunks in iter_groups(task, data, "fit", num_draws=m, seed=config.seed, batch_size=batch_size,
+                                        start=state.groups_done):
+            for c, rows in enumerate(chunks):
+                rows = rows.to(device, dtype)
+                with seeded_rng(config.seed, g, c, device):
+                    f = forward_capture(model, task, capture, rows)
+                    on_chunk(rows, f)
+            state.groups_done = g + 1
+            saver.after_group(g + 1)
+            bar.update(1)
+        bar.close()
+
+    def vectors_and_grads(rows, f):
+        vecs = list(task.fisher_vectors(f, rows, config.fisher))
+        for i, v in enumerate(vecs):
+            yield layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs))
+
+    def factors_chunk(rows, f):
+        for name, calls in capture.records.items():
+            cov, count = input_covariance(specs[name], [x for x, _, _ in calls], config.approx)
+            state.sums[f"{name}::A"] += cov
+            state.counts[f"{name}::A"] += int(count)
+        for grads in vectors_and_grads(rows, f):
+            for name, calls in grads.items():
+                state.sums[f"{name}::G"] += output_covariance(specs[name], calls, config.approx)
+        state.counts["draws"] += len(rows)
+
+    with use_model_mode(model, model_mode):
+        if state.stage == "factors":
+            run_pass("factors", factors_chunk)
+        A = {nm: state.sums[f"{nm}::A"] / max(1, state.counts[f"{nm}::A"]) for nm in specs}
+        G = {nm: state.sums[f"{nm}::G"] / max(1, state.counts["draws"]) for nm in specs}
+        eig = {nm: (_eig(A[nm]), _eig(G[nm])) for nm in specs}
+        if config.method == "ekfac":
+            if state.stage == "factors":
+                state.start_eigen(specs, device)
+                if ckpt:
+                    state.save(ckpt, header)
+            bases = {nm: (eig[nm][0][1].to(dtype), eig[nm][1][1].to(dtype)) for nm in specs}
+
+            def eigen_chunk(rows, f):
+                for grads in vectors_and_grads(rows, f):
+                    for name, calls in grads.items():
+                        a, g = calls_as_rows(specs[name], calls)
+                        qa, qg = bases[name]
+                        state.sums[f"{name}::Lambda"] += kk.eigenvalue_correction(
+                            a, g, qa, qg, append_one=specs[name].has_bias)
+                state.counts["eigen_draws"] += len(rows)
+
+            if state.stage == "eigen":
+                run_pass("eigenvalues", eigen_chunk)
+            state.stage = "done"
+
+    factors = {}
+    for nm in specs:
+        (sA, QA), (sG, QG) = eig[nm]
+        lam = state.sums[f"{nm}::Lambda"] / max(1, state.counts["eigen_draws"]) if config.method == "ekfac" \
+            else torch.outer(sG, sA)
+        factors[nm] = {k: v.detach().to("cpu", config.dtype) for k, v in
+                       dict(A=A[nm], G=G[nm], QA=QA, QG=QG, sA=sA, sG=sG, Lambda=lam).items()}
+    curv = Curvature(config, specs, factors, header["fingerprint"], n, m)
+    if ckpt:
+        state.save(ckpt, header)
+    return curv

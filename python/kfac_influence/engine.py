@@ -1,0 +1,118 @@
+"""The pass loop shared by fitting and scoring: examples -> draws (rows) -> chunks -> forward -> output gradients.
+
+``batch_size`` counts rows (draws) per forward pass; groups hold max(1, batch_size // M) examples, and a group's
+rows are split into chunks of at most ``batch_size``. Checkpoints are taken between groups.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .capture import LayerCapture, check_finite
+from .data_iter import iter_batches, num_batches
+from .tasks.base import Rows, Task
+
+MODEL_MODES = ("eval", "train")
+
+
+def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError("the model has no parameters")
+    return p.device, p.dtype
+
+
+@contextlib.contextmanager
+def use_model_mode(model: nn.Module, mode: str):
+    """Put the model in eval (dropout off) or train (dropout on) mode for a pass; restore afterwards."""
+    if mode not in MODEL_MODES:
+        raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {mode!r}")
+    was = model.training
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, group: int, chunk: int, device: torch.device):
+    """Fork the global RNG so that dropout masks in train mode are reproducible per chunk."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        s = np.random.SeedSequence([seed & 0xFFFFFFFF, group, chunk, 7]).generate_state(1)[0]
+        torch.manual_seed(int(s))
+        yield
+
+
+def group_size(batch_size: int, num_draws: int) -> int:
+    return max(1, batch_size // num_draws)
+
+
+def iter_groups(task: Task, data: Any, purpose: str, *, num_draws: int, seed: int, batch_size: int,
+                start: int = 0) -> Iterator[Tuple[int, torch.Tensor, List[Rows]]]:
+    """Yield ``(group_number, example_indices, row_chunks)`` from group ``start`` on."""
+    for g, idx, batch in iter_batches(data, group_size(batch_size, num_draws), start):
+        rows = task.rows(batch, idx, purpose, num_draws=num_draws, seed=seed)
+        yield g, idx, [rows.slice(s, s + batch_size) for s in range(0, len(rows), batch_size)]
+
+
+def total_groups(data: Any, batch_size: int, num_draws: int) -> int:
+    return num_batches(data, group_size(batch_size, num_draws))
+
+
+def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, rows: Rows) -> torch.Tensor:
+    """Forward one chunk with capture on; check the outputs are finite."""
+    with capture, torch.enable_grad():
+        out = task.forward(model, rows)
+    if not bool(torch.isfinite(out).all()):
+        for name, calls in capture.records.items():  # name the first tracked layer that sees or makes NaN
+            for x, y, _ in calls:
+                check_finite(name, "activations (layer inputs)", x)
+                check_finite(name, "layer outputs", y)
+        raise FloatingPointError("the model produced NaN or inf outputs for this batch "
+                                 "(every tracked layer's inputs and outputs were finite)")
+    missing = [n for n in capture.modules if n not in capture.records]
+    if missing and len(missing) == len(capture.modules):
+        raise RuntimeError("no tracked layer was called in the forward pass (is the model the one the layers "
+                           "were selected from?)")
+    return out
+
+
+def layer_gradients(capture: LayerCapture, f: torch.Tensor, v: torch.Tensor, retain_graph: bool,
+                    check: bool = True) -> Dict[str, List]:
+    """Output gradients per layer and call, with NaN/inf checks naming the layer."""
+    grads = capture.gradients(f, v, retain_graph)
+    if check:
+        for name, calls in grads.items():
+            for x, g in calls:
+                check_finite(name, "activations", x)
+                check_finite(name, "output gradients", g)
+    return grads
+
+
+class Checkpointer:
+    """Saves pass state between groups every ``every`` groups or ``seconds`` seconds (whichever first)."""
+
+    def __init__(self, save: Optional[Callable[[int], None]], every: Optional[int] = None, seconds: float = 60.0):
+        self.save, self.every, self.seconds = save, every, seconds
+        self._last = time.monotonic()
+
+    def after_group(self, groups_done: int) -> None:
+        if self.save is None:
+            return
+        due = (self.every is not None and groups_done % self.every == 0) or \
+            (time.monotonic() - self._last >= self.seconds)
+        if due:
+            self.save(groups_done)
+            self._last = time.monotonic()
+
+
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, initial=initial, unit="batch", leave=False)

@@ -1,0 +1,166 @@
+"""Influence scores. S[q, n] = grad m(x_q)^T (G_hat + lambda I)^-1 grad l(x_n), summed over tracked layers
+(no 1/N, no minus sign: positive = removing x_n is predicted to raise the query's measurement).
+
+``pairwise_scores`` makes ONE pass over the training data for all queries: the preconditioned query gradients are
+held on the device and each chunk's per-row training gradients are formed inside the fused contraction
+(``kfac_kernels.pairwise_scores``), never for the whole data set.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+import kfac_kernels as kk
+
+from ..capture import LayerCapture, calls_as_rows
+from ..curvature.curvature import Curvature
+from ..data_iter import num_examples
+from ..engine import (Checkpointer, forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar,
+                      seeded_rng, total_groups, use_model_mode)
+from ..storage import load_tensors, save_tensors
+from ..tasks.base import Task
+from .gradients import example_gradients
+
+STATE_FILE = "score_state.safetensors"
+
+
+def preconditioned_query_gradients(model: nn.Module, task: Task, curvature: Curvature, queries: Any, *,
+                                   batch_size: int = 32, progress: bool = False, model_mode: str = "eval",
+                                   check_values: bool = True) -> Dict[str, torch.Tensor]:
+    """``{layer: (Q, d_out, d_in')}``: (G_hat + lambda I)^-1 grad m(x_q), on the model's device."""
+    modules = curvature.check_model(model, check_values=check_values)
+    grads = example_gradients(model, task, modules, queries, purpose="query", batch_size=batch_size,
+                              progress=progress, model_mode=model_mode)
+    return curvature.precondition(grads)
+
+
+def _train_pass(model, task, capture, data, *, batch_size, seed, num_draws, progress, model_mode, on_chunk,
+                start, saver, desc):
+    device, mdtype = model_device_dtype(model)
+    bar = progress_bar(total_groups(data, batch_size, num_draws), desc, progress, initial=start)
+    with use_model_mode(model, model_mode):
+        for g, idx, chunks in iter_groups(task, data, "train", num_draws=num_draws, seed=seed,
+                                          batch_size=batch_size, start=start):
+            for c, rows in enumerate(chunks):
+                rows = rows.to(device, mdtype)
+                with seeded_rng(seed, g, c, device):
+                    f = forward_capture(model, task, capture, rows)
+                    loss = task.train_loss(f, rows)
+                    grads = layer_gradients(capture, loss, torch.full_like(loss, rows.weight), False)
+                on_chunk(g, idx, rows, grads)
+            saver.after_group(g + 1)
+            bar.update(1)
+    bar.close()
+
+
+def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
+                    batch_size: int = 32, progress: bool = True, model_mode: str = "eval",
+                    checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: Optional[int] = None,
+                    check_values: bool = True, int8_queries: bool = False,
+                    preconditioned: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Scores ``(Q, N)`` of every query against every training example (float32, or float64 for float64 models).
+
+    Args:
+        batch_size: draws (rows) per forward pass.
+        checkpoint_dir: resumable state of the training pass (same result after an interruption).
+        int8_queries: quantise the preconditioned query gradients to int8 (per query and layer affine).
+        preconditioned: precomputed ``preconditioned_query_gradients`` (skips the query pass).
+    """
+    modules = curvature.check_model(model, check_values=check_values)
+    device, mdtype = model_device_dtype(model)
+    pre = preconditioned if preconditioned is not None else preconditioned_query_gradients(
+        model, task, curvature, queries, batch_size=batch_size, progress=progress, model_mode=model_mode,
+        check_values=False)
+    pre = {k: (kk.quantize_int8(v) if int8_queries else v.to(device=device, dtype=mdtype)) for k, v in pre.items()}
+    nq = next(iter(pre.values())).q.shape[0] if int8_queries else next(iter(pre.values())).shape[0]
+    n = num_examples(train)
+    m = task.num_draws("train")
+    acc_dtype = torch.float64 if mdtype == torch.float64 else torch.float32
+    scores = torch.zeros(nq, n, dtype=acc_dtype, device=device)
+    start = 0
+    ckpt = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
+    header = {"kind": "score_state", "num_queries": nq, "num_examples": n, "batch_size": batch_size,
+              "num_draws": m, "fingerprint": curvature.fingerprint, "seed": task.seed}
+    if ckpt is not None and ckpt.exists():
+        tensors, saved = load_tensors(ckpt)
+        for key in ("num_queries", "num_examples", "batch_size", "num_draws", "fingerprint", "seed"):
+            if saved.get(key) != header[key]:
+                raise ValueError(f"the checkpoint {ckpt} was made with a different {key}; delete it or use "
+                                 "another checkpoint_dir")
+        scores = tensors["scores"].to(device)
+        start = saved["groups_done"]
+    capture = LayerCapture(dict(modules))
+    specs = capture.specs
+
+    def on_chunk(g, idx, rows, grads):
+        cols = rows.example.to(device)
+        part = torch.zeros(nq, len(rows), dtype=acc_dtype, device=device)
+        for name, calls in grads.items():
+            a, gr = calls_as_rows(specs[name], calls)
+            part += kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias).to(acc_dtype)
+        scores.index_add_(1, cols, part)
+
+    def save(done):
+        save_tensors(ckpt, {"scores": scores}, {**header, "groups_done": done})
+
+    _train_pass(model, task, capture, train, batch_size=batch_size, seed=task.seed, num_draws=m,
+                progress=progress, model_mode=model_mode, on_chunk=on_chunk, start=start,
+                saver=Checkpointer(save if ckpt else None, every=checkpoint_every), desc="pairwise scores")
+    if ckpt is not None:
+        save(total_groups(train, batch_size, m))
+    return scores
+
+
+def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, *, batch_size: int = 32,
+                progress: bool = True, model_mode: str = "eval", check_values: bool = True) -> torch.Tensor:
+    """Self-influence ``(N,)``: grad l(x_n)^T (G_hat + lambda I)^-1 grad l(x_n) with the measurement = train loss.
+
+    When all of an example group's draws fit in one chunk the fused ``eigenbasis_self_scores`` op is used;
+    otherwise the group's per-example gradients are accumulated over chunks, then rotated.
+    """
+    modules = curvature.check_model(model, check_values=check_values)
+    device, mdtype = model_device_dtype(model)
+    n = num_examples(train)
+    m = task.num_draws("train")
+    acc_dtype = torch.float64 if mdtype == torch.float64 else torch.float32
+    out = torch.zeros(n, dtype=acc_dtype, device=device)
+    capture = LayerCapture(dict(modules))
+    specs = capture.specs
+    pending: Dict[str, torch.Tensor] = {}
+
+    def flush(idx):
+        grads = {k: v for k, v in pending.items()}
+        pre = curvature.precondition(grads)
+        for name, v in grads.items():
+            out[idx] += (pre[name].to(acc_dtype) * v.to(acc_dtype)).flatten(1).sum(1)
+        pending.clear()
+
+    def on_chunk(g, idx, rows, grads):
+        whole = len(rows) == len(idx) * m  # the whole group is in this chunk
+        local = rows.example.to(device) - int(idx[0])
+        for name, calls in grads.items():
+            a, gr = calls_as_rows(specs[name], calls)
+            s = specs[name]
+            if whole:
+                qa, qg, lam = curvature.on(name, device, mdtype)
+                b = len(idx)
+                a3 = a.reshape(b, -1, a.shape[-1])
+                g3 = gr.reshape(b, -1, gr.shape[-1])
+                out[idx.to(device)] += kk.eigenbasis_self_scores(a3, g3, qa, qg, lam, curvature.damping(name),
+                                                                 append_one=s.has_bias).to(acc_dtype)
+            else:
+                per_row = kk.per_example_gradients(a, gr, append_one=s.has_bias)
+                if name not in pending:
+                    pending[name] = torch.zeros((len(idx),) + s.grad_shape, dtype=mdtype, device=device)
+                pending[name].index_add_(0, local, per_row)
+        if not whole and int(rows.example[-1]) == int(idx[-1]) and int(rows.draw[-1]) == m - 1:
+            flush(idx.to(device))
+
+    _train_pass(model, task, capture, train, batch_size=batch_size, seed=task.seed, num_draws=m,
+                progress=progress, model_mode=model_mode, on_chunk=on_chunk, start=0,
+                saver=Checkpointer(None), desc="self scores")
+    return out

@@ -1,0 +1,163 @@
+"""DiffusionTask: an epsilon-predicting network (diffusers ``UNet2DModel`` or any ``model(x_t, t)``) under a DDPM
+noise schedule. Conventions are design.md section 2: per-draw loss (1/D) ||eps - f||^2 with
+x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, t ~ U{0..T-1}.
+
+Measurements (all per draw; every one is a loss-like quantity, so a positive score means removing the training
+example is predicted to RAISE it, i.e. make the query less likely):
+  loss             (1/D) ||eps - f||^2, t uniform
+  elbo             negative-ELBO estimate in nats: T * beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) ||eps - f||^2
+                   with sigma_t^2 the posterior variance (sigma_0^2 = beta_0), t uniform; theta-free constants dropped
+  simplified_elbo  beta_t / (2 alpha_t (1 - abar_t)) * (1/D) ||eps - f||^2, t uniform
+  square_norm      (1/D) ||f||^2 (D-TRAK), t uniform
+  loss_at_time     (1/D) ||eps - f||^2 at the fixed ``timestep``
+  weighted_loss    (1/D) ||eps - f||^2 with t drawn proportionally to ``timestep_weights`` (length T)
+  sampling_trajectory_logprob  minus the log-probability of a recorded ancestral trajectory (queries are
+                   ``Trajectory`` items, see kfac_influence.diffusion.sampling), so larger = less likely as well
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .base import MSETask, Rows, example_generator
+
+MEASUREMENTS = ("loss", "elbo", "simplified_elbo", "square_norm", "loss_at_time", "weighted_loss",
+                "sampling_trajectory_logprob")
+
+
+class DiffusionTask(MSETask):
+    """Diffusion training loss and query measurements for an epsilon-predictor.
+
+    Args:
+        scheduler: anything with ``betas`` (T,) (e.g. a diffusers ``DDPMScheduler``) or a betas tensor.
+        num_train_draws / num_query_draws: M (t, eps) draws per training example / per query.
+        measurement: one of ``MEASUREMENTS``.
+        timestep: the fixed t for ``loss_at_time``; timestep_weights: (T,) non-negative, for ``weighted_loss``.
+        seed: seeds the train and query draws (curvature draws use ``CurvatureConfig.seed``).
+        trajectory_logprob: callable ``(model, scheduler, trajectory) -> (B,)`` for the trajectory measurement.
+        share_draws: queries use the same (t, eps) draws as training examples with the same index (common random
+            numbers between query and train gradients; needs num_query_draws == num_train_draws and a measurement
+            with uniform t).
+    """
+
+    def __init__(self, scheduler, *, num_train_draws: int = 250, num_query_draws: int = 250,
+                 measurement: str = "loss", timestep: Optional[int] = None,
+                 timestep_weights: Optional[Sequence[float]] = None, seed: int = 0,
+                 trajectory_logprob: Optional[Callable] = None, share_draws: bool = False):
+        betas = scheduler if isinstance(scheduler, torch.Tensor) else getattr(scheduler, "betas", None)
+        if betas is None:
+            raise TypeError("scheduler must be a betas tensor or have a `betas` attribute (diffusers DDPMScheduler)")
+        self.scheduler = scheduler
+        self.betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if not ((self.betas > 0) & (self.betas < 1)).all():
+            raise ValueError("betas must lie in (0, 1)")
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.T = int(self.betas.numel())
+        if measurement not in MEASUREMENTS:
+            raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {measurement!r}")
+        if num_train_draws < 1 or num_query_draws < 1:
+            raise ValueError("numbers of draws must be >= 1")
+        if measurement == "loss_at_time" and (timestep is None or not 0 <= int(timestep) < self.T):
+            raise ValueError(f"loss_at_time needs timestep in [0, {self.T}), got {timestep!r}")
+        self.timestep_probs = None
+        if measurement == "weighted_loss":
+            if timestep_weights is None or len(timestep_weights) != self.T:
+                raise ValueError(f"weighted_loss needs timestep_weights of length T={self.T}")
+            w = torch.as_tensor(timestep_weights, dtype=torch.float64)
+            if (w < 0).any() or w.sum() <= 0 or not torch.isfinite(w).all():
+                raise ValueError("timestep_weights must be finite, non-negative and not all zero")
+            self.timestep_probs = w / w.sum()
+        if measurement == "sampling_trajectory_logprob" and trajectory_logprob is None:
+            from ..diffusion.sampling import trajectory_logprob as _tlp
+            trajectory_logprob = _tlp
+        self.trajectory_logprob = trajectory_logprob
+        if share_draws and (num_query_draws != num_train_draws or measurement in
+                            ("loss_at_time", "weighted_loss", "sampling_trajectory_logprob")):
+            raise ValueError("share_draws needs num_query_draws == num_train_draws and a measurement with uniform t")
+        self.share_draws = bool(share_draws)
+        self.measurement_name = measurement
+        self.timestep = None if timestep is None else int(timestep)
+        self.num_train_draws = int(num_train_draws)
+        self.num_query_draws = int(num_query_draws)
+        self.seed = int(seed)
+        posterior = torch.cat([self.betas[:1], self.betas[1:] * (1 - self.alphas_cumprod[:-1])
+                               / (1 - self.alphas_cumprod[1:])])
+        # negative-ELBO weight of ||eps - f||^2 per timestep (sum over pixels)
+        self.elbo_weight = self.T * self.betas ** 2 / (2 * posterior * self.alphas * (1 - self.alphas_cumprod))
+        self.simplified_weight = self.betas / (2 * self.alphas * (1 - self.alphas_cumprod))
+
+    def num_draws(self, purpose: str) -> int:
+        return self.num_query_draws if purpose == "query" else self.num_train_draws
+
+    def _timesteps(self, purpose: str, m: int, gen: torch.Generator) -> torch.Tensor:
+        if purpose == "query" and self.measurement_name == "loss_at_time":
+            return torch.full((m,), self.timestep, dtype=torch.long)
+        if purpose == "query" and self.timestep_probs is not None:
+            return torch.multinomial(self.timestep_probs, m, replacement=True, generator=gen)
+        return torch.randint(0, self.T, (m,), generator=gen)
+
+    def rows(self, batch, indices: torch.Tensor, purpose: str, *, num_draws: int, seed: int) -> Rows:
+        if purpose == "query" and self.measurement_name == "sampling_trajectory_logprob":
+            return self._trajectory_rows(batch, indices)
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"DiffusionTask expects float images (B, C, H, W), got "
+                             f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        m = int(num_draws)
+        ts, eps, xis = [], [], []
+        source = "train" if (purpose == "query" and self.share_draws) else purpose
+        for i in indices.tolist():
+            gen = example_generator(seed, source, i)
+            ts.append(self._timesteps(purpose, m, gen))
+            eps.append(torch.randn((m,) + tuple(x.shape[1:]), generator=gen, dtype=torch.float64))
+            if purpose == "fit":
+                xis.append(torch.randn((m,) + tuple(x.shape[1:]), generator=gen, dtype=torch.float64))
+        t = torch.cat(ts)
+        e = torch.cat(eps)
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = x.detach().to(torch.float64).repeat_interleave(m, dim=0)
+        data = {"x_t": (abar.sqrt() * x0 + (1 - abar).sqrt() * e).to(x.dtype), "target": e.to(x.dtype),
+                "t": t}
+        if xis:
+            data["xi"] = torch.cat(xis).to(x.dtype)
+        return Rows(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
+
+    def _trajectory_rows(self, batch, indices: torch.Tensor) -> Rows:
+        traj = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not torch.is_tensor(traj) or traj.dim() != 5:
+            raise ValueError("sampling_trajectory_logprob queries must be trajectories (B, S+1, C, H, W) with "
+                             "x_T first and x_0 last")
+        return Rows(indices.clone(), torch.zeros_like(indices), 1.0, {"trajectory": traj})
+
+    def forward(self, model: torch.nn.Module, rows: Rows) -> torch.Tensor:
+        if "trajectory" in rows.data:
+            return -self.trajectory_logprob(model, self.scheduler, rows.data["trajectory"])
+        try:
+            out = model(rows.data["x_t"], rows.data["t"])
+        except RuntimeError as e:
+            raise ValueError(f"the model rejected inputs of shape {tuple(rows.data['x_t'].shape)} "
+                             f"(expected input shape?): {str(e).splitlines()[0]}") from e
+        out = getattr(out, "sample", out)
+        if out.shape != rows.data["x_t"].shape:
+            raise ValueError(f"the model predicts shape {tuple(out.shape)} for inputs {tuple(rows.data['x_t'].shape)};"
+                             " an epsilon-predictor must keep the input shape")
+        return out
+
+    def train_loss(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+        return self.mse(outputs, rows.data["target"])
+
+    def measurement(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+        name = self.measurement_name
+        if name == "sampling_trajectory_logprob":
+            return outputs  # forward already returned minus the log-probability
+        if name == "square_norm":
+            return outputs.pow(2).flatten(1).mean(dim=1)
+        mse = self.mse(outputs, rows.data["target"])
+        t = rows.data["t"].cpu()
+        if name == "elbo":
+            return mse * outputs[0].numel() * self.elbo_weight[t].to(outputs)
+        if name == "simplified_elbo":
+            return mse * self.simplified_weight[t].to(outputs)
+        return mse

@@ -1,0 +1,140 @@
+"""Resume after interruption, atomic storage, load mismatch, and clear errors for bad input."""
+import pytest
+import torch
+import torch.nn as nn
+
+from kfac_influence import CurvatureConfig, fit_curvature, load_curvature, pairwise_scores
+from kfac_influence.tasks import DiffusionTask, RegressionTask
+
+from helpers import scheduler, tiny_unet
+
+F64 = torch.float64
+
+
+class Interrupt(Exception):
+    pass
+
+
+class FailingTask(DiffusionTask):
+    """Raises after ``fail_after`` calls of ``rows`` (an interruption in the middle of a pass)."""
+
+    def __init__(self, *args, fail_after=None, **kw):
+        super().__init__(*args, **kw)
+        self.fail_after, self.calls = fail_after, 0
+
+    def rows(self, *args, **kw):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise Interrupt()
+        return super().rows(*args, **kw)
+
+
+def setup():
+    unet = tiny_unet(size=4)
+    x = torch.rand(9, 1, 4, 4, dtype=F64) * 2 - 1
+    return unet, x
+
+
+@pytest.mark.parametrize("fail_after", [2, 7])  # during the factor pass; during the eigenvalue pass
+def test_interrupted_fit_resumes_to_identical_factors(tmp_path, fail_after):
+    unet, x = setup()
+    cfg = CurvatureConfig(dtype=F64, num_draws=2)
+    full = fit_curvature(unet, FailingTask(scheduler()), x, cfg, batch_size=4, progress=False)
+    with pytest.raises(Interrupt):
+        fit_curvature(unet, FailingTask(scheduler(), fail_after=fail_after), x, cfg, batch_size=4,
+                      checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+    assert (tmp_path / "fit_state.safetensors").exists()
+    task = FailingTask(scheduler())
+    resumed = fit_curvature(unet, task, x, cfg, batch_size=4, checkpoint_dir=tmp_path, checkpoint_every=1,
+                            progress=False)
+    assert task.calls < 10  # groups before the interruption were not recomputed
+    for n in full.module_names:
+        for k in ("A", "G", "Lambda"):
+            assert torch.equal(full.factors[n][k], resumed.factors[n][k]), (n, k)
+
+
+def test_interrupted_scoring_resumes(tmp_path):
+    unet, x = setup()
+    task = FailingTask(scheduler(), num_train_draws=2, num_query_draws=2)
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), batch_size=4, progress=False)
+    full = pairwise_scores(unet, task, curv, x[:2], x, batch_size=4, progress=False)
+    bad = FailingTask(scheduler(), num_train_draws=2, num_query_draws=2, fail_after=3)
+    with pytest.raises(Interrupt):
+        pairwise_scores(unet, bad, curv, x[:2], x, batch_size=4, progress=False, checkpoint_dir=tmp_path,
+                        checkpoint_every=1)
+    resumed = pairwise_scores(unet, task, curv, x[:2], x, batch_size=4, progress=False, checkpoint_dir=tmp_path,
+                              checkpoint_every=1)
+    assert torch.equal(full, resumed)
+
+
+def test_checkpoint_from_other_config_is_refused(tmp_path):
+    unet, x = setup()
+    task = DiffusionTask(scheduler(), num_train_draws=1)
+    fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        fit_curvature(unet, task, x, CurvatureConfig(dtype=F64, fisher="empirical"), checkpoint_dir=tmp_path,
+                      progress=False)
+
+
+def test_save_load_roundtrip_and_mismatch(tmp_path):
+    unet, x = setup()
+    task = DiffusionTask(scheduler(), num_train_draws=1, num_query_draws=1)
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), progress=False)
+    curv.save(tmp_path / "c.safetensors")
+    assert not list(tmp_path.glob("*.tmp"))
+    back = load_curvature(tmp_path / "c.safetensors", unet)
+    for n in curv.module_names:
+        assert torch.equal(back.eigenvalues(n), curv.eigenvalues(n))
+    torch.testing.assert_close(pairwise_scores(unet, task, back, x[:2], x, progress=False),
+                               pairwise_scores(unet, task, curv, x[:2], x, progress=False))
+    other = tiny_unet(size=4, channels=(8, 24))
+    with pytest.raises(ValueError, match="tracked layers differ"):
+        load_curvature(tmp_path / "c.safetensors", other)
+    retrained = tiny_unet(size=4, seed=5)
+    with pytest.raises(ValueError, match="weights differ"):
+        load_curvature(tmp_path / "c.safetensors", retrained)
+    with pytest.raises(FileNotFoundError):
+        load_curvature(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_curvature(tmp_path / "junk.safetensors")
+
+
+def test_nan_is_reported_with_the_layer_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    X, Y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    with pytest.raises(FloatingPointError, match="'2'.*layer outputs"):
+        fit_curvature(model, RegressionTask(), (X, Y), CurvatureConfig(), progress=False)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    X[1, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="'0'.*activations"):
+        fit_curvature(model, RegressionTask(), (X, Y), CurvatureConfig(), progress=False)
+
+
+def test_bad_inputs_give_clear_errors():
+    unet, x = setup()
+    task = DiffusionTask(scheduler(), num_train_draws=1)
+    with pytest.raises(ValueError, match="empty"):
+        fit_curvature(unet, task, x[:0], CurvatureConfig(), progress=False)
+    with pytest.raises(ValueError, match="float images"):
+        fit_curvature(unet, task, x.long(), CurvatureConfig(), progress=False)
+    with pytest.raises(ValueError, match="predicts shape|expected input"):
+        fit_curvature(unet, task, torch.rand(2, 3, 4, 4, dtype=F64), CurvatureConfig(), progress=False)
+    model = nn.Linear(3, 2).to(F64)
+    with pytest.raises(ValueError, match="differs from targets"):
+        fit_curvature(model, RegressionTask(), (torch.randn(4, 3, dtype=F64), torch.randn(4, 5, dtype=F64)),
+                      CurvatureConfig(), progress=False)
+    with pytest.raises(ValueError, match="no Linear/Conv2d layer matches"):
+        fit_curvature(model, RegressionTask(), (torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)),
+                      CurvatureConfig(modules=("nothing*",)), progress=False)
+    with pytest.raises(ValueError, match="method"):
+        CurvatureConfig(method="foo")
+    with pytest.raises(ValueError, match="damping"):
+        CurvatureConfig(damping=float("nan"))
+    with pytest.raises(ValueError, match="measurement"):
+        DiffusionTask(scheduler(), measurement="likelihood")
+    with pytest.raises(ValueError, match="loss_at_time needs timestep"):
+        DiffusionTask(scheduler(), measurement="loss_at_time")
