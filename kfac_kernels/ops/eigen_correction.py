@@ -16,7 +16,7 @@ import torch
 
 from ..dispatch import register
 from ._checks import acc_dtype, accumulate, check_out, check_tensor
-from .per_example import check_ag, chunk_size_for, rotate_inputs
+from .per_example import check_ag, chunk_size_for, per_example_gradients, rotate_inputs
 
 
 def _check_bases(a, g, q_a, q_g, append_one):
@@ -33,15 +33,26 @@ def _check_bases(a, g, q_a, q_g, append_one):
 
 def rotated_gradients(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, *,
                       append_one: bool = False, chunk_size: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Yield chunks ``Z: (b, D_out, D_in')`` of per-example gradients in the eigenbasis."""
+    """Yield chunks ``Z: (b, D_out, D_in')`` of per-example gradients in the eigenbasis.
+
+    Two orders give the same Z: rotate a and g per position, then contract over positions (cheaper when R is
+    small), or contract first and rotate each example's gradient (cheaper when R exceeds the layer widths)."""
     dt = acc_dtype(a, g, q_a, q_g)
-    a_rot = rotate_inputs(a.to(dt), q_a.to(dt), append_one)
-    g_rot = g.to(dt) @ q_g.to(dt)
-    b = a.shape[0]
-    per_ex = (g_rot.shape[-1] * a_rot.shape[-1]) * a_rot.element_size()
+    b, r, d_out = g.shape
+    d_in = q_a.shape[0]
+    rotate_first = r * (d_in * d_in + d_out * d_out) <= d_out * d_in * (d_in + d_out)
+    qa, qg = q_a.to(dt), q_g.to(dt)
+    per_ex = d_out * d_in * torch.finfo(dt).bits // 8
     step = chunk_size or chunk_size_for(b, per_ex)
-    for s in range(0, b, step):
-        yield torch.einsum("bro,bri->boi", g_rot[s:s + step], a_rot[s:s + step])
+    if rotate_first:
+        a_rot = rotate_inputs(a.to(dt), qa, append_one)
+        g_rot = g.to(dt) @ qg
+        for s in range(0, b, step):
+            yield torch.einsum("bro,bri->boi", g_rot[s:s + step], a_rot[s:s + step])
+    else:
+        for s in range(0, b, step):
+            raw = per_example_gradients(a[s:s + step].to(dt), g[s:s + step].to(dt), append_one=append_one)
+            yield qg.T @ raw @ qa
 
 
 @register("eigenvalue_correction", "torch")

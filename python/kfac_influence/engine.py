@@ -84,16 +84,23 @@ def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, rows: R
     return out
 
 
-def layer_gradients(capture: LayerCapture, f: torch.Tensor, v: torch.Tensor, retain_graph: bool,
-                    check: bool = True) -> Dict[str, List]:
-    """Output gradients per layer and call, with NaN/inf checks naming the layer."""
-    grads = capture.gradients(f, v, retain_graph)
-    if check:
-        for name, calls in grads.items():
-            for x, g in calls:
-                check_finite(name, "activations", x)
-                check_finite(name, "output gradients", g)
-    return grads
+def layer_gradients(capture: LayerCapture, f: torch.Tensor, v: torch.Tensor, retain_graph: bool) -> Dict[str, List]:
+    """Output gradients per layer and call: ``{name: [(input, grad_output), ...]}``."""
+    return capture.gradients(f, v, retain_graph)
+
+
+def checked(name: str, value: torch.Tensor, calls) -> torch.Tensor:
+    """Return ``value`` (a per-chunk sum computed from a layer's (input, grad) ``calls``) if it is finite; else
+    raise naming the layer and whether its activations or output gradients hold NaN/inf.
+
+    Checking the small result instead of every activation keeps the check off the hot path."""
+    if bool(torch.isfinite(value.sum())):
+        return value
+    for x, g in calls:
+        check_finite(name, "activations (layer inputs)", x)
+        if g is not None:
+            check_finite(name, "output gradients", g)
+    raise FloatingPointError(f"layer {name!r}: its curvature or score terms overflowed (finite but huge inputs)")
 
 
 class Checkpointer:

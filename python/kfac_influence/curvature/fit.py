@@ -18,7 +18,7 @@ import kfac_kernels as kk
 
 from ..capture import LayerCapture, LayerSpec, calls_as_rows, grads_as_rows, inputs_as_rows, select_layers
 from ..data_iter import num_examples
-from ..engine import (Checkpointer, forward_capture, iter_groups, layer_gradients, model_device_dtype, use_model_mode,
+from ..engine import (Checkpointer, checked, forward_capture, iter_groups, layer_gradients, model_device_dtype, use_model_mode,
                       progress_bar, seeded_rng, total_groups)
 from ..storage import load_tensors, model_fingerprint, save_tensors
 from ..tasks.base import Task
@@ -145,12 +145,13 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
 
     def factors_chunk(rows, f):
         for name, calls in capture.records.items():
-            cov, count = input_covariance(specs[name], [x for x, _, _ in calls], config.approx)
-            state.sums[f"{name}::A"] += cov
+            xs = [x for x, _, _ in calls]
+            cov, count = input_covariance(specs[name], xs, config.approx)
+            state.sums[f"{name}::A"] += checked(name, cov, [(x, None) for x in xs])
             state.counts[f"{name}::A"] += int(count)
         for grads in vectors_and_grads(rows, f):
             for name, calls in grads.items():
-                state.sums[f"{name}::G"] += output_covariance(specs[name], calls, config.approx)
+                state.sums[f"{name}::G"] += checked(name, output_covariance(specs[name], calls, config.approx), calls)
         state.counts["draws"] += len(rows)
 
     with use_model_mode(model, model_mode):
@@ -171,8 +172,8 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
                     for name, calls in grads.items():
                         a, g = calls_as_rows(specs[name], calls)
                         qa, qg = bases[name]
-                        state.sums[f"{name}::Lambda"] += kk.eigenvalue_correction(
-                            a, g, qa, qg, append_one=specs[name].has_bias)
+                        state.sums[f"{name}::Lambda"] += checked(name, kk.eigenvalue_correction(
+                            a, g, qa, qg, append_one=specs[name].has_bias), calls)
                 state.counts["eigen_draws"] += len(rows)
 
             if state.stage == "eigen":

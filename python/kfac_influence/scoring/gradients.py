@@ -11,7 +11,7 @@ import kfac_kernels as kk
 
 from ..capture import LayerCapture, calls_as_rows
 from ..data_iter import num_examples
-from ..engine import (forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar, seeded_rng,
+from ..engine import (checked, forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar, seeded_rng,
                       total_groups, use_model_mode)
 from ..tasks.base import Task
 
@@ -44,7 +44,7 @@ def example_gradients(model: nn.Module, task: Task, modules: Mapping[str, nn.Mod
                 for name, calls in grads.items():
                     a, gr = calls_as_rows(capture.specs[name], calls)
                     per_row = kk.per_example_gradients(a, gr, append_one=capture.specs[name].has_bias)
-                    out[name].index_add_(0, idx, per_row.to(dtype))
+                    out[name].index_add_(0, idx, checked(name, per_row, calls).to(dtype))
             bar.update(1)
     bar.close()
     return out

@@ -19,7 +19,7 @@ import kfac_kernels as kk
 from ..capture import LayerCapture, calls_as_rows
 from ..curvature.curvature import Curvature
 from ..data_iter import num_examples
-from ..engine import (Checkpointer, forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar,
+from ..engine import (Checkpointer, checked, forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar,
                       seeded_rng, total_groups, use_model_mode)
 from ..storage import load_tensors, save_tensors
 from ..tasks.base import Task
@@ -101,7 +101,8 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
         part = torch.zeros(nq, len(rows), dtype=acc_dtype, device=device)
         for name, calls in grads.items():
             a, gr = calls_as_rows(specs[name], calls)
-            part += kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias).to(acc_dtype)
+            part += checked(name, kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias),
+                            calls).to(acc_dtype)
         scores.index_add_(1, cols, part)
 
     def save(done):
@@ -150,13 +151,13 @@ def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, 
                 b = len(idx)
                 a3 = a.reshape(b, -1, a.shape[-1])
                 g3 = gr.reshape(b, -1, gr.shape[-1])
-                out[idx.to(device)] += kk.eigenbasis_self_scores(a3, g3, qa, qg, lam, curvature.damping(name),
-                                                                 append_one=s.has_bias).to(acc_dtype)
+                part = kk.eigenbasis_self_scores(a3, g3, qa, qg, lam, curvature.damping(name), append_one=s.has_bias)
+                out[idx.to(device)] += checked(name, part, calls).to(acc_dtype)
             else:
                 per_row = kk.per_example_gradients(a, gr, append_one=s.has_bias)
                 if name not in pending:
                     pending[name] = torch.zeros((len(idx),) + s.grad_shape, dtype=mdtype, device=device)
-                pending[name].index_add_(0, local, per_row)
+                pending[name].index_add_(0, local, checked(name, per_row, calls))
         if not whole and int(rows.example[-1]) == int(idx[-1]) and int(rows.draw[-1]) == m - 1:
             flush(idx.to(device))
 
