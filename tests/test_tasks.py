@@ -72,3 +72,21 @@ def test_select_layers_by_pattern_includes_attention_and_time_mlp():
     assert att and all("attentions" in n for n in att)
     no_att = select_layers(unet, None, exclude=["*attentions*"])
     assert set(no_att) == set(everything) - set(att)
+
+
+def test_trajectory_measurement_gradients_equal_autograd_of_trajectory_logprob():
+    import bruteforce as bf
+    from kfac_influence.capture import select_layers
+    from kfac_influence.diffusion.sampling import trajectory_logprob
+    from kfac_influence.scoring import example_gradients
+
+    unet = tiny_unet(size=4)
+    sch = scheduler()
+    task = DiffusionTask(sch, measurement="sampling_trajectory_logprob")
+    traj = torch.randn(2, 6, 1, 4, 4, dtype=F64)  # 5 steps: 4 stochastic + the deterministic last one
+    modules = select_layers(unet)
+    got = example_gradients(unet, task, modules, traj, purpose="query", batch_size=3)
+    for q in range(2):
+        ref = bf.param_grads(unet, modules, -trajectory_logprob(unet, sch, traj[q:q + 1]).sum())
+        for name in modules:
+            torch.testing.assert_close(got[name][q], ref[name], rtol=1e-5, atol=1e-8)

@@ -11,12 +11,14 @@ example is predicted to RAISE it, i.e. make the query less likely):
   square_norm      (1/D) ||f||^2 (D-TRAK), t uniform
   loss_at_time     (1/D) ||eps - f||^2 at the fixed ``timestep``
   weighted_loss    (1/D) ||eps - f||^2 with t drawn proportionally to ``timestep_weights`` (length T)
-  sampling_trajectory_logprob  minus the log-probability of a recorded ancestral trajectory (queries are
-                   ``Trajectory`` items, see kfac_influence.diffusion.sampling), so larger = less likely as well
+  sampling_trajectory_logprob  minus the log-probability of a recorded ancestral trajectory: queries are
+                   trajectories (Q, S+1, C, H, W) from ``kfac_influence.diffusion.sampling.ddpm_sample``; each
+                   stochastic step is one row (weight 1: the measurement sums over steps)
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 
@@ -35,7 +37,8 @@ class DiffusionTask(MSETask):
         measurement: one of ``MEASUREMENTS``.
         timestep: the fixed t for ``loss_at_time``; timestep_weights: (T,) non-negative, for ``weighted_loss``.
         seed: seeds the train and query draws (curvature draws use ``CurvatureConfig.seed``).
-        trajectory_logprob: callable ``(model, scheduler, trajectory) -> (B,)`` for the trajectory measurement.
+        trajectory_timesteps: (S,) decreasing timesteps the query trajectories were sampled with (None: the
+            default spacing of ``ddpm_sample`` for S steps).
         share_draws: queries use the same (t, eps) draws as training examples with the same index (common random
             numbers between query and train gradients; needs num_query_draws == num_train_draws and a measurement
             with uniform t).
@@ -44,7 +47,7 @@ class DiffusionTask(MSETask):
     def __init__(self, scheduler, *, num_train_draws: int = 250, num_query_draws: int = 250,
                  measurement: str = "loss", timestep: Optional[int] = None,
                  timestep_weights: Optional[Sequence[float]] = None, seed: int = 0,
-                 trajectory_logprob: Optional[Callable] = None, share_draws: bool = False):
+                 trajectory_timesteps: Optional[Sequence[int]] = None, share_draws: bool = False):
         betas = scheduler if isinstance(scheduler, torch.Tensor) else getattr(scheduler, "betas", None)
         if betas is None:
             raise TypeError("scheduler must be a betas tensor or have a `betas` attribute (diffusers DDPMScheduler)")
@@ -69,10 +72,9 @@ class DiffusionTask(MSETask):
             if (w < 0).any() or w.sum() <= 0 or not torch.isfinite(w).all():
                 raise ValueError("timestep_weights must be finite, non-negative and not all zero")
             self.timestep_probs = w / w.sum()
-        if measurement == "sampling_trajectory_logprob" and trajectory_logprob is None:
-            from ..diffusion.sampling import trajectory_logprob as _tlp
-            trajectory_logprob = _tlp
-        self.trajectory_logprob = trajectory_logprob
+        if measurement == "sampling_trajectory_logprob" and isinstance(scheduler, torch.Tensor):
+            raise ValueError("sampling_trajectory_logprob needs a diffusers DDPMScheduler, not a betas tensor")
+        self.trajectory_timesteps = trajectory_timesteps
         if share_draws and (num_query_draws != num_train_draws or measurement in
                             ("loss_at_time", "weighted_loss", "sampling_trajectory_logprob")):
             raise ValueError("share_draws needs num_query_draws == num_train_draws and a measurement with uniform t")
@@ -125,15 +127,29 @@ class DiffusionTask(MSETask):
         return Rows(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
 
     def _trajectory_rows(self, batch, indices: torch.Tensor) -> Rows:
+        from ..diffusion.sampling import default_timesteps
         traj = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not torch.is_tensor(traj) or traj.dim() != 5:
-            raise ValueError("sampling_trajectory_logprob queries must be trajectories (B, S+1, C, H, W) with "
+            raise ValueError("sampling_trajectory_logprob queries must be trajectories (Q, S+1, C, H, W) with "
                              "x_T first and x_0 last")
-        return Rows(indices.clone(), torch.zeros_like(indices), 1.0, {"trajectory": traj})
+        steps = traj.shape[1] - 1
+        ts = torch.as_tensor(self.trajectory_timesteps if self.trajectory_timesteps is not None
+                             else default_timesteps(self.scheduler, steps), dtype=torch.long)
+        if ts.numel() != steps:
+            raise ValueError(f"trajectories have {steps} steps but {ts.numel()} timesteps were given")
+        prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
+        keep = torch.nonzero(prev >= 0).flatten()  # the last step is deterministic: no density in theta
+        q, k = traj.shape[0], keep.numel()
+        data = {"x_in": traj[:, keep].reshape((q * k,) + traj.shape[2:]),
+                "x_out": traj[:, keep + 1].reshape((q * k,) + traj.shape[2:]),
+                "t": ts[keep].repeat(q), "prev_t": prev[keep].repeat(q)}
+        return Rows(indices.repeat_interleave(k), torch.arange(k).repeat(q), 1.0, data)
 
     def forward(self, model: torch.nn.Module, rows: Rows) -> torch.Tensor:
-        if "trajectory" in rows.data:
-            return -self.trajectory_logprob(model, self.scheduler, rows.data["trajectory"])
+        if "x_in" in rows.data:  # one ancestral step per row: the model's mean of p(x_prev | x_t)
+            from ..diffusion.sampling import transition
+            mean, _ = transition(model, self.scheduler, rows.data["x_in"], rows.data["t"], rows.data["prev_t"])
+            return mean
         try:
             out = model(rows.data["x_t"], rows.data["t"])
         except RuntimeError as e:
@@ -145,13 +161,23 @@ class DiffusionTask(MSETask):
                              " an epsilon-predictor must keep the input shape")
         return out
 
+    def _step_std(self, rows: Rows, like: torch.Tensor) -> torch.Tensor:
+        abar = torch.as_tensor(self.scheduler.alphas_cumprod).to(like.dtype).cpu()  # as the sampler uses it
+        t, p = rows.data["t"].cpu(), rows.data["prev_t"].cpu()
+        abar_t, abar_p = abar[t], abar[p.clamp(min=0)]
+        var = (1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)
+        return var.sqrt().to(like).view(-1, *([1] * (like.dim() - 1)))
+
     def train_loss(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
         return self.mse(outputs, rows.data["target"])
 
     def measurement(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
         name = self.measurement_name
-        if name == "sampling_trajectory_logprob":
-            return outputs  # forward already returned minus the log-probability
+        if name == "sampling_trajectory_logprob":  # -log N(x_out; mean, std^2 I) per step
+            std = self._step_std(rows, outputs)
+            d = outputs[0].numel()
+            sq = ((rows.data["x_out"] - outputs) / std).pow(2).flatten(1).sum(1)
+            return 0.5 * sq + d * std.flatten().log() + 0.5 * d * math.log(2 * math.pi)
         if name == "square_norm":
             return outputs.pow(2).flatten(1).mean(dim=1)
         mse = self.mse(outputs, rows.data["target"])

@@ -1,0 +1,278 @@
+"""``kfac-influence``: the attribution pipeline from the command line.
+
+    kfac-influence demo --out runs/demo          # everything on the embedded digits, CPU-sized (~10 min, 2 cores)
+    kfac-influence run --out runs/x --data imgs/ --model cifar-ddpm --device cuda
+    kfac-influence train|sample|fit|score|report --out runs/x [options]   # one stage
+
+Settings are resolved as: the subcommand's defaults, then those recorded in ``OUT/run.json`` by an earlier
+command, then the options given; so a later command on the same folder only names what changes. Stages whose
+outputs exist with the same settings are skipped (see ``kfac_influence.diffusion.pipeline``).
+
+Errors in the input (missing files, corrupt images, incompatible models or factors) end the command with exit
+status 2 and a one-line message on stderr; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+SUPPRESS = argparse.SUPPRESS
+
+
+def _opt_int(text: str) -> Optional[int]:
+    if text.lower() in ("none", "all", "0"):
+        return None
+    return int(text)
+
+
+def _opt_str(text: str) -> Optional[str]:
+    return None if text.lower() in ("", "none") else text
+
+
+def _bool(text: str) -> bool:
+    t = text.lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+# (flag, section, field, type, choices, help); section None = top-level RunSettings field
+OPTIONS = {
+    "data": [
+        ("--data", "data", "source", str, None, "training data: 'digits' (embedded), a folder of PNG/JPEG or an .npz"),
+        ("--image-size", "data", "image_size", _opt_int, None, "resize images to this size ('none': keep)"),
+        ("--limit", "data", "limit", _opt_int, None, "use a seeded random subset of this many examples ('none': all)"),
+        ("--data-seed", "data", "seed", int, None, "seed of the --limit subset"),
+        ("--channels", "data", "channels", _opt_int, None, "force 1 (grey) or 3 (RGB) channels ('none': infer)"),
+    ],
+    "model": [
+        ("--model", "model", "spec", str, None,
+         "model: preset (digits-tiny, cifar-ddpm), a .json UNet2DModel config or a local diffusers folder"),
+        ("--model-seed", "model", "seed", int, None, "initialisation seed of a preset/JSON model"),
+        ("--timesteps", "scheduler", "num_train_timesteps", int, None, "diffusion steps T"),
+        ("--beta-start", "scheduler", "beta_start", float, None, "first beta of the linear schedule"),
+        ("--beta-end", "scheduler", "beta_end", float, None, "last beta of the linear schedule"),
+    ],
+    "train": [
+        ("--steps", "train", "steps", int, None, "optimiser steps (0: use the model as it is)"),
+        ("--batch-size", "train", "batch_size", int, None, "training batch size"),
+        ("--lr", "train", "lr", float, None, "AdamW learning rate"),
+        ("--weight-decay", "train", "weight_decay", float, None, "AdamW weight decay"),
+        ("--warmup-steps", "train", "warmup_steps", int, None, "linear learning-rate warmup steps"),
+        ("--grad-clip", "train", "grad_clip", float, None, "gradient-norm clipping (0: off)"),
+        ("--ema-decay", "train", "ema_decay", float, None, "EMA decay of the attributed weights"),
+        ("--checkpoint-every", "train", "checkpoint_every", int, None, "steps between training checkpoints"),
+        ("--seed", "train", "seed", int, None, "training seed (batches, timesteps, noise, dropout)"),
+    ],
+    "sample": [
+        ("--num-queries", "sample", "num_queries", int, None, "generated images to attribute"),
+        ("--sample-seed", "sample", "seed", int, None, "query k is sampled with seed + k"),
+        ("--sample-steps", "sample", "num_inference_steps", _opt_int, None,
+         "DDPM sampling steps ('none': all T)"),
+        ("--sample-batch-size", "sample", "batch_size", int, None, "images per sampling batch"),
+        ("--record-trajectory", "sample", "record_trajectory", _bool, None, "keep the sampling trajectories"),
+    ],
+    "fit": [
+        ("--method", "fit", "method", str, ("ekfac", "kfac"), "curvature approximation"),
+        ("--approx", "fit", "approx", str, ("expand", "reduce"), "K-FAC flavour for weight sharing"),
+        ("--fisher", "fit", "fisher", str, ("mc", "empirical", "type2"), "GGN estimator"),
+        ("--fit-draws", "fit", "num_draws", int, None, "(t, eps) draws per training example for the curvature"),
+        ("--damping", "fit", "damping", float, None, "damping lambda (absolute) or rho (relative)"),
+        ("--damping-mode", "fit", "damping_mode", str, ("absolute", "relative"), "damping mode"),
+        ("--fit-batch-size", "fit", "batch_size", int, None, "draws per forward pass when fitting"),
+        ("--fit-seed", "fit", "seed", int, None, "seed of the curvature draws"),
+        ("--model-mode", None, "model_mode", str, ("eval", "train"),
+         "dropout off (eval) or on (train) for curvature, train and query gradients alike"),
+    ],
+    "score": [
+        ("--measurement", "score", "measurement", str,
+         ("loss", "elbo", "simplified_elbo", "square_norm", "sampling_trajectory_logprob"),
+         "what is attributed for each query"),
+        ("--train-draws", "score", "num_train_draws", int, None, "(t, eps) draws per training example"),
+        ("--query-draws", "score", "num_query_draws", int, None, "(t, eps) draws per query"),
+        ("--score-batch-size", "score", "batch_size", int, None, "draws per forward pass when scoring"),
+        ("--score-seed", "score", "seed", int, None, "seed of the train and query draws"),
+        ("--curvature", "score", "curvature", _opt_str, None, "use this curvature file instead of the fit stage"),
+    ],
+    "report": [
+        ("--top-k", "report", "top_k", int, None, "training images shown per query and sign"),
+        ("--max-query-figures", "report", "max_query_figures", int, None, "per-query PNGs written"),
+        ("--summary-rows", "report", "summary_rows", int, None, "queries in the summary grid"),
+    ],
+}
+
+STAGE_GROUPS = {
+    "train": ("data", "model", "train"),
+    "sample": ("data", "model", "train", "sample"),
+    "fit": ("data", "model", "train", "fit", "score"),
+    "score": ("data", "model", "train", "sample", "fit", "score"),
+    "report": ("data", "model", "train", "sample", "fit", "score", "report"),
+    "run": ("data", "model", "train", "sample", "fit", "score", "report"),
+    "demo": ("data", "model", "train", "sample", "fit", "score", "report"),
+}
+
+DESCRIPTIONS = {
+    "train": "Train the model (AdamW, warmup, clipping, EMA) with resumable checkpoints; writes OUT/train/.",
+    "sample": "Generate the query images by DDPM ancestral sampling; writes OUT/samples/.",
+    "fit": "Fit the (E)K-FAC curvature of the training loss on the EMA model; writes OUT/fit/.",
+    "score": "Score every query against every training example; writes OUT/scores/scores.safetensors.",
+    "report": "Write the visual report (PNGs, report.md, class-match statistic); writes OUT/report/.",
+    "run": "All stages in order, skipping those whose outputs exist with the same settings.",
+    "demo": "`run` on the embedded digits with defaults sized for a CPU (about ten minutes on 2 cores).",
+}
+
+
+def demo_settings():
+    """CPU-sized defaults of ``demo``: the 8x8 digits, digits-tiny, short training, few draws."""
+    from .diffusion.pipeline import RunSettings
+
+    return RunSettings().merged({
+        "data": {"source": "digits", "image_size": None, "limit": None},
+        "model": {"spec": "digits-tiny"},
+        "train": {"steps": 1200, "batch_size": 128, "lr": 3e-3, "warmup_steps": 100, "ema_decay": 0.995,
+                  "checkpoint_every": 500},
+        "sample": {"num_queries": 16, "num_inference_steps": None, "batch_size": 64},
+        "fit": {"num_draws": 4, "batch_size": 256},
+        "score": {"num_train_draws": 8, "num_query_draws": 64, "batch_size": 256},
+        "report": {"top_k": 6},
+    })
+
+
+def _defaults(command: str):
+    from .diffusion.pipeline import RunSettings
+
+    return demo_settings() if command == "demo" else RunSettings()
+
+
+def _value(settings, section, name):
+    obj = settings if section is None else getattr(settings, section)
+    return getattr(obj, name)
+
+
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--out", required=command != "demo", default="runs/demo" if command == "demo" else None,
+                   help="output folder of the run")
+    p.add_argument("--device", default=SUPPRESS, help="device: auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default; 1 is best on a busy machine)")
+    p.add_argument("--force", action="store_true", help="rerun the stage(s) even when up to date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="kfac-influence", formatter_class=fmt,
+                                     description="K-FAC/EK-FAC influence functions for diffusion models: which "
+                                                 "training images made a generated image likely?")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command, groups in STAGE_GROUPS.items():
+        p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command] +
+                           " Options not given are taken from OUT/run.json when it exists, else from the defaults "
+                           "shown.", formatter_class=fmt)
+        _add_common(p, command)
+        defaults = _defaults(command)
+        for group in groups:
+            g = p.add_argument_group(f"{group} options")
+            for flag, section, name, typ, choices, text in OPTIONS[group]:
+                default = _value(defaults, section, name)
+                shown = "none" if default is None else default
+                g.add_argument(flag, dest=f"{section or '_'}.{name}", type=typ, choices=choices, default=SUPPRESS,
+                               help=f"{text} (default: {shown})", metavar=None if choices else name.upper())
+    from .evaluation.cli import add_subcommands  # lds, retrain-top
+
+    add_subcommands(sub)
+    return parser
+
+
+def _resolve(args: argparse.Namespace):
+    """Defaults, then OUT/run.json, then explicit options."""
+    settings = _defaults(args.command)
+    run_json = os.path.join(args.out, "run.json")
+    if os.path.isfile(run_json):
+        try:
+            with open(run_json) as f:
+                recorded = json.load(f)["settings"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{run_json}: unreadable ({type(exc).__name__}); delete it or use another --out") \
+                from None
+        recorded.pop("device", None)
+        settings = settings.merged(recorded)
+    overrides: dict = {}
+    for key, value in vars(args).items():
+        if "." not in key:
+            continue
+        section, name = key.split(".", 1)
+        if section == "_":
+            overrides[name] = value
+        else:
+            overrides.setdefault(section, {})[name] = value
+    if hasattr(args, "device"):
+        overrides["device"] = args.device
+    # paths are recorded absolute, so later commands may run from another folder
+    for section, name in (("data", "source"), ("model", "spec"), ("score", "curvature")):
+        value = overrides.get(section, {}).get(name)
+        if value and (section != "data" or value != "digits") and (section != "model" or os.path.exists(value)):
+            overrides[section][name] = os.path.abspath(value)
+    return settings.merged(overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "func", None) is not None:  # evaluation subcommands
+        return args.func(args)
+    import torch
+
+    from .diffusion.pipeline import Pipeline
+
+    settings = _resolve(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    pipe = Pipeline(args.out, settings, progress=not args.no_progress, command=args.command)
+    pipe.data()  # fail fast on unusable data, before any stage starts
+    if args.command in ("run", "demo"):
+        pipe.write_run_json()
+        for stage in pipe.stages_to_run():
+            pipe.run_stage(stage, force=args.force)
+    else:
+        pipe.write_run_json()
+        pipe.run_stage(args.command, force=args.force)
+    if args.command in ("run", "demo", "report"):
+        report = os.path.join(args.out, "report", "report.md")
+        with open(os.path.join(args.out, "report", "report.json")) as f:
+            summary = json.load(f)
+        cm = summary.get("class_match")
+        if cm:
+            print(f"top-{cm['k']} positive influences sharing the query's class: "
+                  f"{cm['top_positive_same_class']:.3f} (negative: {cm['top_negative_same_class']:.3f}, "
+                  f"chance: {cm['chance']:.3f})")
+        print(f"report: {report}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("kfac-influence: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, TypeError) as exc:
+        if args.debug:
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"kfac-influence: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Seeded, resumable DDPM training with AdamW, linear warmup, gradient clipping and an EMA of the weights.
+
+The loss is diffusers' standard epsilon MSE, mean over pixels: ``(1/D) ||eps - eps_theta(x_t, t)||^2`` with
+``t ~ U{0..T-1}`` and ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (the per-draw loss of the design, section 2).
+
+Determinism: batches, timesteps and noise come from a private ``torch.Generator``; dropout uses the global torch
+RNG, which is seeded at the start and saved in every checkpoint. A run interrupted at any step and resumed from
+its last checkpoint replays the same steps and ends with the same weights as an uninterrupted run (on the same
+machine and thread count).
+Checkpoints are written atomically (temp file, then ``os.replace``); only the newest is kept.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, asdict
+from typing import Callable, List, Optional
+
+import torch
+
+__all__ = ["TrainConfig", "TrainResult", "train", "EMA", "ABORT_ENV"]
+
+#: Test hook: when set to an integer k, training exits the process (status 75, no cleanup) right after step k,
+#: as if it had been killed. Used to check that resuming from the last checkpoint reproduces an uninterrupted run.
+ABORT_ENV = "KFAC_INFLUENCE_ABORT_AFTER_STEP"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters.
+
+    steps: optimiser steps; batch_size: examples per step (sampled with replacement-free shuffled epochs);
+    lr, weight_decay, betas: AdamW; warmup_steps: linear warmup from 0 to lr, then constant;
+    grad_clip: max global gradient norm (0 disables); ema_decay: EMA of the weights (the attributed model), with
+    the usual warm-started decay ``min(ema_decay, (1 + step) / (10 + step))``;
+    checkpoint_every: steps between checkpoints (0: only at the end); seed: everything random in training.
+    """
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps, checkpoint_every, grad_clip and weight_decay must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """``ema <- ema + (1 - d) (param - ema)`` for floating tensors (one fused foreach call); others copied."""
+        d = self.decay_at(step)
+        src = dict(model.named_parameters())
+        src.update(dict(model.named_buffers()))
+        dst, new = [], []
+        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            if t.is_floating_point():
+                dst.append(t)
+                new.append(src[name].detach())
+            else:
+                t.copy_(src[name])
+        if dst:
+            torch._foreach_lerp_(dst, new, 1.0 - d)
+
+
+@dataclass
+class TrainResult:
+    """``model``: the EMA model (eval mode) used for attribution; ``raw_model``: the last optimiser weights;
+    ``losses``: per-step training losses of the steps run in this call; ``resumed_from``: step of the checkpoint
+    the run resumed from (0: fresh)."""
+
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    losses: List[float]
+    resumed_from: int
+
+
+def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps == 0:
+            return 1.0
+        return min(1.0, (step + 1) / cfg.warmup_steps)
+    return f
+
+
+def _checkpoint_path(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, "checkpoint.pt")
+
+
+def _save_checkpoint(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: TrainConfig,
+          checkpoint_dir: Optional[str] = None, progress: bool = True, device=None) -> TrainResult:
+    """Train ``model`` (an epsilon predictor called as ``model(x_t, t).sample`` or returning a tensor) on
+    ``images`` ``(N, C, H, W)`` in [-1, 1] with the DDPM loss; resumes from ``checkpoint_dir`` if it holds a
+    checkpoint of a run with the same config. ``model`` is trained in place (train mode, dropout on).
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).train()
+    images = torch.as_tensor(images, dtype=torch.float32)
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("no training images")
+    abar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    T = abar.shape[0]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(config))
+    ema = EMA(model, config.ema_decay)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    torch.manual_seed(int(config.seed) + 1)  # dropout
+    perm = torch.randperm(n, generator=gen)
+    cursor = 0
+    start = 0
+
+    ckpt = _checkpoint_path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt and os.path.isfile(ckpt):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("config") != config.to_dict() or state.get("num_images") != n:
+            raise ValueError(f"{ckpt}: checkpoint of a different training config; delete it to start over")
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        perm, cursor, start = state["perm"], state["cursor"], state["step"]
+
+    abort_after = os.environ.get(ABORT_ENV)
+    abort_after = int(abort_after) if abort_after else None
+    losses: List[float] = []
+    bar = tqdm(total=config.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    ema_loss = None
+    for step in range(start, config.steps):
+        if cursor + config.batch_size > n:  # new epoch (drop the incomplete tail)
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor: cursor + config.batch_size] if config.batch_size <= n else \
+            torch.randint(0, n, (config.batch_size,), generator=gen)
+        cursor += config.batch_size
+        x0 = images[idx].to(device)
+        t = torch.randint(0, T, (x0.shape[0],), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        t = t.to(device)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+        out = model(xt, t)
+        out = out.sample if hasattr(out, "sample") else out
+        loss = torch.nn.functional.mse_loss(out, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        lr_sched.step()
+        ema.update(model, step)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"training loss became {lv} at step {step + 1}; lower the learning rate")
+        losses.append(lv)
+        ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
+        done = step + 1
+        if ckpt and ((config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps):
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            _save_checkpoint(ckpt, {
+                "config": config.to_dict(), "num_images": n, "step": done,
+                "model": model.state_dict(), "ema": ema.model.state_dict(),
+                "optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "perm": perm, "cursor": cursor,
+            })
+        if abort_after is not None and done == abort_after:
+            bar.close()
+            os._exit(75)
+    bar.close()
+    model.eval()
+    return TrainResult(model=ema.model.eval(), raw_model=model, losses=losses, resumed_from=start)

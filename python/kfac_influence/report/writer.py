@@ -1,0 +1,143 @@
+"""The report folder: per-query PNGs, a summary grid, ``report.json`` (numbers) and ``report.md`` linking it all."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .classes import PixelClassifier, class_match
+from .figures import query_figure, samples_figure, summary_figure
+from .files import atomic_write_json, atomic_write_text
+
+__all__ = ["write_report"]
+
+
+def _rel(path: str, start: str) -> str:
+    return os.path.relpath(path, start).replace(os.sep, "/")
+
+
+def write_report(report_dir: str, scores: dict, samples: dict, data, settings, run_dir: Optional[str] = None) -> dict:
+    """Write the report of one run into ``report_dir``.
+
+    scores: ``{"scores": (Q, N), "train_ids": (N,), "query_ids": (Q,), "meta": {...}}``; samples: ``{"images":
+    (Q, C, H, W), "seeds": (Q,)}``; data: the training ``ImageDataset`` (its ids must equal ``train_ids``);
+    settings: the run's ``RunSettings``. Returns the summary written to ``report.json``.
+    """
+    os.makedirs(report_dir, exist_ok=True)
+    run_dir = run_dir or os.path.dirname(os.path.abspath(report_dir))
+    S = scores["scores"].float()
+    ids = scores["train_ids"]
+    if not torch.equal(ids, data.ids):
+        raise ValueError("the training ids of the scores do not match the training data (settings changed?)")
+    queries = samples["images"]
+    Q, N = S.shape
+    k = min(settings.report.top_k, N)
+    labels = data.labels
+    names = data.class_names
+
+    summary = {"num_queries": Q, "num_train": N, "top_k": k, "measurement": scores.get("meta", {}).get("measurement"),
+               "score_stats": {"min": float(S.min()), "max": float(S.max()), "mean": float(S.mean()),
+                               "std": float(S.std()) if S.numel() > 1 else 0.0},
+               "top_positive": {}, "top_negative": {}}
+    qlabels = None
+    if labels is not None and labels.unique().numel() > 1:
+        clf = PixelClassifier(seed=0).fit(data.images, labels)
+        qlabels, conf = clf.predict(queries)
+        cm = class_match(S, labels, qlabels, k)
+        summary["class_match"] = {
+            "k": cm.k, "top_positive_same_class": cm.positive, "top_negative_same_class": cm.negative,
+            "chance": cm.chance, "classifier": "logistic regression on training pixels",
+            "classifier_train_accuracy": clf.train_accuracy,
+            "query_classes": qlabels.tolist(), "query_class_confidence": [round(float(c), 4) for c in conf],
+            "per_query_positive": [round(float(v), 4) for v in cm.per_query],
+        }
+    for q in range(Q):
+        summary["top_positive"][int(scores["query_ids"][q])] = [
+            [int(ids[n]), float(S[q, n])] for n in S[q].topk(k).indices.tolist()]
+        summary["top_negative"][int(scores["query_ids"][q])] = [
+            [int(ids[n]), float(S[q, n])] for n in (-S[q]).topk(k).indices.tolist()]
+
+    def title(q: int) -> str:
+        t = f"query {q}"
+        if qlabels is not None:
+            c = int(qlabels[q])
+            t += f" [{names[c] if names else c}]"
+        return t
+
+    per_query = []
+    nfig = min(Q, settings.report.max_query_figures)
+    for q in range(nfig):
+        name = f"query_{q:03d}.png"
+        query_figure(os.path.join(report_dir, name), queries[q], title(q) + f"\nseed {int(samples['seeds'][q])}",
+                     S[q], data.images, ids, k, labels, names)
+        per_query.append(name)
+    rows = min(Q, settings.report.summary_rows)
+    summary_figure(os.path.join(report_dir, "summary.png"), queries[:rows], [title(q) for q in range(rows)],
+                   S[:rows], data.images, ids, k, labels, names)
+    samples_figure(os.path.join(report_dir, "queries.png"), queries, [title(q) for q in range(Q)])
+    atomic_write_json(os.path.join(report_dir, "report.json"), summary)
+
+    scores_path = os.path.join(run_dir, "scores", "scores.safetensors")
+    s = settings
+    lines = [
+        "# Influence report",
+        "",
+        f"{Q} generated images (queries) attributed to {N} training examples ({s.data.source}, images "
+        f"{'x'.join(str(v) for v in data.shape)}) with {s.fit.method.upper()} ({s.fit.approx}, {s.fit.fisher} "
+        f"Fisher, damping {s.fit.damping:g} {s.fit.damping_mode}) on the EMA weights of `{s.model.spec}` "
+        f"(model mode `{s.model_mode}`).",
+        f"Measurement: `{s.score.measurement}`, {s.score.num_query_draws} draws per query, "
+        f"{s.score.num_train_draws} per training example.",
+        "",
+        "**Sign convention.** A positive score means removing that training example is predicted to *raise* the "
+        "query's measurement, i.e. (for the loss) the example made the generated image *more likely*. "
+        "Green frames: top positive (raised the query's likelihood); red frames: top negative (lowered it).",
+        "",
+    ]
+    if "class_match" in summary:
+        cm = summary["class_match"]
+        lines += [
+            "## Do the top influences share the query's class?",
+            "",
+            "Each generated image is labelled by a logistic-regression classifier trained on the training pixels "
+            f"(training accuracy {cm['classifier_train_accuracy']:.3f}).",
+            "",
+            "| training examples | fraction with the query's class |",
+            "|---|---|",
+            f"| top {k} positive | **{cm['top_positive_same_class']:.3f}** |",
+            f"| top {k} negative | {cm['top_negative_same_class']:.3f} |",
+            f"| random (chance) | {cm['chance']:.3f} |",
+            "",
+        ]
+    lines += [
+        "## Summary",
+        "",
+        f"![summary](summary.png)",
+        "",
+        f"All queries: [queries.png](queries.png)",
+        "",
+        "## Per query",
+        "",
+    ]
+    lines += [f"- [{title(q)}]({per_query[q]})" for q in range(nfig)]
+    lines += [
+        "",
+        "## Files",
+        "",
+        f"- scores (Q x N float32, `train_ids`, `query_ids`): [{_rel(scores_path, report_dir)}]"
+        f"({_rel(scores_path, report_dir)})",
+        f"- numbers of this report: [report.json](report.json)",
+        f"- every setting, version and seed: [run.json]({_rel(os.path.join(run_dir, 'run.json'), report_dir)})",
+        f"- generated queries: [{_rel(os.path.join(run_dir, 'samples', 'samples.safetensors'), report_dir)}]"
+        f"({_rel(os.path.join(run_dir, 'samples', 'samples.safetensors'), report_dir)})",
+        f"- curvature: `{s.score.curvature or _rel(os.path.join(run_dir, 'fit', 'curvature.safetensors'), report_dir)}`",
+        f"- model (EMA weights, diffusers DDPMPipeline folder): "
+        f"`{_rel(os.path.join(run_dir, 'train', 'pipeline'), report_dir)}`",
+        "",
+        f"Score statistics: min {summary['score_stats']['min']:.4g}, max {summary['score_stats']['max']:.4g}, "
+        f"mean {summary['score_stats']['mean']:.4g}, std {summary['score_stats']['std']:.4g}.",
+        "",
+    ]
+    atomic_write_text(os.path.join(report_dir, "report.md"), "\n".join(lines))
+    return summary
