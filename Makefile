@@ -15,13 +15,16 @@ $(BIN)/python:
 
 # torch first and pinned (a CPU wheel here; a loose range can pull a multi-GB CUDA build). Never torchvision:
 # beside torch 2.13 it breaks `import diffusers`. backpack (a curvlinops dependency) asks for torchvision, so it
-# is installed --no-deps with its real needs listed by hand.
+# is installed --no-deps with its real needs listed by hand; so are kronfluence and dattri.
 $(STAMP): $(BIN)/python pyproject.toml setup.py
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q triton==$(TRITON_VERSION) setuptools wheel pybind11
 	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 	$(BIN)/pip install -q --no-deps backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1
 	$(BIN)/pip install -q unfoldNd einconv einops linear_operator opt-einsum
+	# peers for the adapter tests and bench/peers.py; --no-deps: kronfluence's torchvision pin drags in CUDA torch
+	$(BIN)/pip install -q --no-deps kronfluence==1.0.1 dattri==0.3.0
+	$(BIN)/pip install -q accelerate pyyaml
 	$(BIN)/pip uninstall -y -q torchvision 2>/dev/null || true
 	touch $(STAMP)
 

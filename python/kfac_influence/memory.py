@@ -1,0 +1,207 @@
+"""Memory model of the pipeline (docs/memory.md) and a ``max_memory`` helper that picks draws per forward.
+
+Peak of a stage = fixed bytes (model, curvature sums / factors, query gradients, score matrix) + batch_size *
+per-row bytes (the autograd graph of one forward, the captured output gradients of one backpropagated vector, the
+largest layer's transient copies). Per-row activation bytes are measured, not guessed: one forward on two draws
+with ``torch.autograd.graph.saved_tensors_hooks`` counting every distinct tensor autograd keeps (parameters
+excluded), plus the layer outputs the capture holds.
+
+    from kfac_influence.memory import choose_batch_size
+    bs = choose_batch_size(model, task, train[:2], "6GiB", stage="fit")
+    curv = fit_curvature(model, task, train, cfg, batch_size=bs)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .capture import LayerCapture, select_layers
+from .curvature.config import CurvatureConfig
+from .data_iter import get_batch, num_examples
+from .engine import model_device_dtype, use_model_mode
+
+__all__ = ["Footprint", "MemoryEstimate", "measure_footprint", "estimate", "choose_batch_size", "parse_bytes",
+           "STAGES", "SCRATCH_BYTES"]
+
+STAGES = ("fit", "scores")
+SCRATCH_BYTES = 256 << 20  # kfac_kernels' torch path: per-example scratch budget per op call (chunk_size_for)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(size: Union[int, float, str]) -> int:
+    """``4_000_000``, ``"512MiB"``, ``"6GB"``, ``"1.5 GiB"`` -> bytes."""
+    if isinstance(size, (int, float)):
+        if size <= 0:
+            raise ValueError(f"a memory size must be positive, got {size}")
+        return int(size)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size {size!r}; use e.g. 512MiB, 6GB or a number of bytes")
+    return parse_bytes(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Sizes that drive memory. Per layer ``l``: ``d_in'``, ``d_out``, positions per row ``R``.
+
+    ``act_bytes_per_row``: bytes autograd saves for backward per draw (parameters excluded);
+    ``out_bytes_per_row``: captured layer outputs' gradients per draw (sum_l R_l d_out_l * itemsize);
+    ``unfold_bytes_per_row``: the largest layer's ``R (d_in' + d_out)`` per draw (torch-path unfold / rotation);
+    ``output_numel``: D, values of f per draw; ``param_bytes``: the model's parameters and buffers.
+    """
+    layers: Tuple[Tuple[str, int, int, int], ...]  # (name, d_in', d_out, R)
+    itemsize: int
+    act_bytes_per_row: int
+    out_bytes_per_row: int
+    unfold_bytes_per_row: int
+    output_numel: int
+    param_bytes: int
+
+    @property
+    def grad_numel(self) -> int:
+        """Tracked weights (bias included): sum_l d_out d_in'."""
+        return sum(di * do for _, di, do, _ in self.layers)
+
+    @property
+    def factor_numel(self) -> int:
+        """One set of K-FAC factors and EK-FAC eigenvalues: sum_l d_in'^2 + d_out^2 + d_out d_in'."""
+        return sum(di * di + do * do + di * do for _, di, do, _ in self.layers)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes of one stage: ``fixed + batch_size * per_row + scratch``."""
+    stage: str
+    batch_size: int
+    fixed: int
+    per_row: int
+    scratch: int
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.batch_size * self.per_row + self.scratch
+
+
+def _unique_bytes(tensors, exclude) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        try:
+            st = t.untyped_storage()
+        except Exception:
+            continue
+        key = (st.data_ptr(), st.nbytes())
+        if st.data_ptr() in exclude or key in seen:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total
+
+
+def measure_footprint(model: nn.Module, task, sample: Any, *, config: CurvatureConfig = CurvatureConfig(),
+                      purpose: str = "fit", model_mode: str = "eval") -> Footprint:
+    """Forward the first example of ``sample`` (its ``M`` draws; at least 2 rows) with capture on and count
+    what the forward keeps. ``sample``: the kind of data passed to ``fit_curvature`` (one or more examples)."""
+    device, dtype = model_device_dtype(model)
+    modules = select_layers(model, config.modules, config.exclude)
+    capture = LayerCapture(modules)
+    idx = torch.arange(min(2, num_examples(sample)))
+    rows = task.rows(get_batch(sample, idx), idx, purpose, num_draws=1, seed=0).to(device, dtype)
+    n = len(rows)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    saved = []
+    with use_model_mode(model, model_mode), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
+        with capture, torch.enable_grad():
+            f = task.forward(model, rows)
+    kept = saved + [x for calls in capture.records.values() for x, out, _ in calls] + [f]
+    act = _unique_bytes(kept, params)
+    layers, out_bytes, unfold = [], 0, 0
+    for name, spec in capture.specs.items():
+        calls = capture.records.get(name, [])
+        r = sum(out[0].numel() // spec.d_out for _, out, _ in calls) if calls else 1
+        layers.append((name, spec.d_in_total, spec.d_out, max(1, r)))
+        out_bytes += sum(out.numel() for _, out, _ in calls) // n * out_itemsize(calls, dtype)
+        unfold = max(unfold, r * (spec.d_in_total + spec.d_out))
+    item = torch.empty((), dtype=dtype).element_size()
+    pbytes = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    capture.reset()
+    return Footprint(tuple(layers), item, -(-act // n), out_bytes, unfold * max(item, 4),
+                     int(f[0].numel()), pbytes)
+
+
+def out_itemsize(calls, dtype) -> int:
+    return calls[0][1].element_size() if calls else torch.empty((), dtype=dtype).element_size()
+
+
+def estimate(fp: Footprint, stage: str, batch_size: int, *, num_queries: int = 0, num_examples: int = 0,
+             int8_queries: bool = False, factor_itemsize: int = 4, fisher_vectors: int = 1) -> MemoryEstimate:
+    """The memory model of docs/memory.md for one stage at ``batch_size`` draws per forward.
+
+    fit:    fixed = params + 8 * F (float64 sums) + 2 * factor_itemsize * F (factors, eigenbases: output)
+            per_row = act + out_grads * fisher_vectors + 2 D * itemsize (f, the vector) + unfold
+    scores: fixed = params + factor_itemsize * F + max(2 Q W itemsize (query pass: gradients and their
+            preconditioned copy), Q W (1 if int8 else itemsize) + Q N max(itemsize, 4) (train pass: the held
+            queries and the score matrix))
+            per_row = act + out_grads + D * itemsize + unfold
+    with F = sum_l (d_in'^2 + d_out^2 + d_out d_in'), W = sum_l d_out d_in'; scratch: the kernels' per-example
+    chunk (<= SCRATCH_BYTES on the torch path, 0 when the whole batch's chunk is smaller).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    item = fp.itemsize
+    largest = max(di * do for _, di, do, _ in fp.layers) * max(item, 4)
+    scratch = min(SCRATCH_BYTES, batch_size * largest)
+    if stage == "fit":
+        fixed = fp.param_bytes + 8 * fp.factor_numel + 2 * factor_itemsize * fp.factor_numel
+        per_row = fp.act_bytes_per_row + fp.out_bytes_per_row * fisher_vectors + 2 * fp.output_numel * item \
+            + fp.unfold_bytes_per_row
+    else:
+        qbytes = 1 if int8_queries else item
+        query_pass = 2 * num_queries * fp.grad_numel * item  # gradients + preconditioned copy
+        train_pass = num_queries * fp.grad_numel * qbytes + max(item, 4) * num_queries * num_examples
+        fixed = fp.param_bytes + factor_itemsize * fp.factor_numel + max(query_pass, train_pass)
+        scratch = max(scratch, min(SCRATCH_BYTES, num_queries * largest))
+        per_row = fp.act_bytes_per_row + fp.out_bytes_per_row + fp.output_numel * item + fp.unfold_bytes_per_row
+    return MemoryEstimate(stage, int(batch_size), int(fixed), int(per_row), int(scratch))
+
+
+def choose_batch_size(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *, stage: str = "fit",
+                      config: CurvatureConfig = CurvatureConfig(), num_queries: int = 0, num_examples: int = 0,
+                      int8_queries: bool = False, max_batch: int = 4096, headroom: float = 0.9,
+                      footprint: Optional[Footprint] = None) -> int:
+    """The largest draws-per-forward ``batch_size`` (<= ``max_batch``) whose estimated peak fits in
+    ``headroom * max_memory``. Raises ``MemoryError`` (with the breakdown) when even 1 does not fit."""
+    budget = int(parse_bytes(max_memory) * headroom)
+    fp = footprint or measure_footprint(model, task, sample, config=config)
+    nvec = fp.output_numel if config.fisher == "type2" else 1
+    fitem = torch.empty((), dtype=config.dtype).element_size()
+
+    def total(b):
+        return estimate(fp, stage, b, num_queries=num_queries, num_examples=num_examples, int8_queries=int8_queries,
+                        factor_itemsize=fitem, fisher_vectors=nvec).total
+
+    if total(1) > budget:
+        e = estimate(fp, stage, 1, num_queries=num_queries, num_examples=num_examples, int8_queries=int8_queries,
+                     factor_itemsize=fitem, fisher_vectors=nvec)
+        hint = " (int8_queries=True or fewer queries per run would shrink the query gradients)" \
+            if stage == "scores" and not int8_queries and num_queries else ""
+        raise MemoryError(f"{stage}: even one draw per forward needs ~{e.total / 2**20:.0f} MiB (fixed "
+                          f"{e.fixed / 2**20:.0f} MiB, per draw {e.per_row / 2**20:.1f} MiB, scratch "
+                          f"{e.scratch / 2**20:.0f} MiB) > {budget / 2**20:.0f} MiB{hint}")
+    lo, hi = 1, max_batch
+    while lo < hi:  # total() is non-decreasing in b
+        mid = (lo + hi + 1) // 2
+        if total(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

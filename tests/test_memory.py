@@ -1,0 +1,92 @@
+"""kfac_influence.memory: measured footprints against hand counts, the memory model's boundary, and errors."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kfac_influence import CurvatureConfig
+from kfac_influence.memory import choose_batch_size, estimate, measure_footprint, parse_bytes
+from kfac_influence.tasks import DiffusionTask, RegressionTask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import scheduler, tiny_unet  # noqa: E402
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Tanh(), torch.nn.Linear(20, 3)).double()
+
+
+def test_mlp_footprint_matches_hand_count():
+    model = mlp()
+    data = (torch.randn(5, 10, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))
+    fp = measure_footprint(model, RegressionTask(), data)
+    # autograd keeps per row: the input (10, for the first addmm), tanh's output (20, also the second layer's
+    # input); plus the output f (3). Parameters are not counted.
+    assert fp.act_bytes_per_row == (10 + 20 + 3) * 8
+    assert fp.out_bytes_per_row == (20 + 3) * 8
+    assert fp.unfold_bytes_per_row == max(11 + 20, 21 + 3) * 8
+    assert fp.layers == (("0", 11, 20, 1), ("2", 21, 3, 1))
+    assert fp.grad_numel == 20 * 11 + 3 * 21
+    assert fp.factor_numel == (11 * 11 + 20 * 20 + 220) + (21 * 21 + 9 + 63)
+    assert fp.param_bytes == (20 * 11 + 3 * 21) * 8
+    e = estimate(fp, "fit", 7)
+    assert e.total == fp.param_bytes + 8 * fp.factor_numel + 2 * 4 * fp.factor_numel + 7 * e.per_row + e.scratch
+    # scores: the train pass holds Q preconditioned gradients (8 bytes, or 1 with int8) and the (Q, N) matrix
+    base = fp.param_bytes + 4 * fp.factor_numel
+    q = estimate(fp, "scores", 7, num_queries=4, num_examples=10_000)
+    q8 = estimate(fp, "scores", 7, num_queries=4, num_examples=10_000, int8_queries=True)
+    assert q.fixed == base + 4 * fp.grad_numel * 8 + 8 * 4 * 10_000
+    assert q8.fixed == base + 4 * fp.grad_numel * 1 + 8 * 4 * 10_000
+    few = estimate(fp, "scores", 7, num_queries=4, num_examples=1)  # query pass dominates
+    assert few.fixed == base + 2 * 4 * fp.grad_numel * 8
+
+
+def test_unet_conv_positions_and_linearity():
+    model = tiny_unet(size=8, channels=(4, 8))
+    task = DiffusionTask(scheduler(), num_train_draws=1)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    fp = measure_footprint(model, task, x)
+    layers = {n: (di, do, r) for n, di, do, r in fp.layers}
+    assert layers["conv_in"] == (1 * 9 + 1, 4, 64)          # 3x3 conv, 8x8 output positions
+    assert layers["conv_out"] == (4 * 9 + 1, 1, 64)
+    assert layers["time_embedding.linear_1"][2] == 1
+    # the measurement is per row: the same with 1 example's 2 rows... as with 2 examples
+    fp1 = measure_footprint(model, task, x[:2])
+    assert fp1.act_bytes_per_row == fp.act_bytes_per_row
+
+
+def test_choose_batch_size_is_the_largest_that_fits():
+    model = tiny_unet(size=8, channels=(4, 8))
+    task = DiffusionTask(scheduler(), num_train_draws=1)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    fp = measure_footprint(model, task, x)
+    for stage, kw in (("fit", {}), ("scores", dict(num_queries=8, num_examples=1000))):
+        sizes = []
+        for budget in (8 << 20, 32 << 20, 128 << 20):
+            b = choose_batch_size(model, task, x, budget, stage=stage, footprint=fp,
+                                  config=CurvatureConfig(dtype=torch.float64), headroom=1.0, **kw)
+            total = lambda n: estimate(fp, stage, n, factor_itemsize=8, **kw).total  # noqa: E731
+            assert total(b) <= budget and (b == 4096 or total(b + 1) > budget)
+            sizes.append(b)
+        assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_too_small_budget_is_a_clear_error():
+    model = tiny_unet(size=8, channels=(4, 8))
+    task = DiffusionTask(scheduler(), num_train_draws=1)
+    with pytest.raises(MemoryError, match="even one draw per forward"):
+        choose_batch_size(model, task, torch.rand(2, 1, 8, 8, dtype=torch.float64), "64KiB")
+
+
+@pytest.mark.parametrize("text,value", [("512MiB", 512 << 20), ("6GB", 6_000_000_000), ("1.5 GiB", 3 << 29),
+                                        (1000, 1000)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["lots", "5 parsecs", -1, 0])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_bytes(bad)
