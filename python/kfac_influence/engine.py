@@ -103,6 +103,34 @@ def checked(name: str, value: torch.Tensor, calls) -> torch.Tensor:
     raise FloatingPointError(f"layer {name!r}: its curvature or score terms overflowed (finite but huge inputs)")
 
 
+def gradient_chunks(model: nn.Module, task: Task, capture: LayerCapture, data: Any, purpose: str, *,
+                    num_draws: int, seed: int, batch_size: int, progress: bool = False, model_mode: str = "eval",
+                    output: Optional[Callable[[torch.Tensor, Rows], torch.Tensor]] = None, start: int = 0,
+                    desc: Optional[str] = None, after_group: Optional[Callable[[int], None]] = None):
+    """One pass of per-example gradients: yield ``(group, group_indices, rows, {layer: [(input, grad_output)]})``
+    per chunk, where the output gradients are those of ``sum_rows weight * output(f, rows)`` (default: the
+    measurement for queries, the training loss otherwise). ``after_group(groups_done)`` runs after each group."""
+    device, mdtype = model_device_dtype(model)
+    if output is None:
+        output = task.measurement if purpose == "query" else task.train_loss
+    bar = progress_bar(total_groups(data, batch_size, num_draws), desc or f"{purpose} gradients", progress,
+                       initial=start)
+    with use_model_mode(model, model_mode):
+        for g, idx, chunks in iter_groups(task, data, purpose, num_draws=num_draws, seed=seed,
+                                          batch_size=batch_size, start=start):
+            for c, rows in enumerate(chunks):
+                rows = rows.to(device, mdtype)
+                with seeded_rng(seed, g, c, device):
+                    f = forward_capture(model, task, capture, rows)
+                    value = output(f, rows)
+                    grads = layer_gradients(capture, value, torch.full_like(value, rows.weight), False)
+                yield g, idx, rows, grads
+            if after_group is not None:
+                after_group(g + 1)
+            bar.update(1)
+    bar.close()
+
+
 class Checkpointer:
     """Saves pass state between groups every ``every`` groups or ``seconds`` seconds (whichever first)."""
 

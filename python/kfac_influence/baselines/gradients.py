@@ -16,8 +16,7 @@ import kfac_kernels as kk
 
 from ..capture import LayerCapture, calls_as_rows, select_layers
 from ..data_iter import num_examples
-from ..engine import (forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar, seeded_rng,
-                      total_groups, use_model_mode)
+from ..engine import gradient_chunks, model_device_dtype
 from ..tasks.base import Rows, Task
 from .projection import KroneckerProjector
 
@@ -30,22 +29,12 @@ def default_output(task: Task, purpose: str) -> OutputFn:
 
 def _chunks(model, task, capture, data, *, purpose, num_draws, seed, batch_size, output, progress, model_mode):
     """Yield ``(group, group_indices, rows, {layer: (a, g)})`` for every chunk: the captured rows of each layer."""
-    device, mdtype = model_device_dtype(model)
     m = int(num_draws or task.num_draws(purpose))
     seed = task.seed if seed is None else int(seed)
-    output = output or default_output(task, purpose)
-    bar = progress_bar(total_groups(data, batch_size, m), f"{purpose} gradients", progress)
-    with use_model_mode(model, model_mode):
-        for g, idx, chunks in iter_groups(task, data, purpose, num_draws=m, seed=seed, batch_size=batch_size):
-            for c, rows in enumerate(chunks):
-                rows = rows.to(device, mdtype)
-                with seeded_rng(seed, g, c, device):
-                    f = forward_capture(model, task, capture, rows)
-                    value = output(f, rows)
-                    grads = layer_gradients(capture, value, torch.full_like(value, rows.weight), False)
-                yield g, idx, rows, {n: calls_as_rows(capture.specs[n], calls) for n, calls in grads.items()}
-            bar.update(1)
-    bar.close()
+    for g, idx, rows, grads in gradient_chunks(model, task, capture, data, purpose, num_draws=m, seed=seed,
+                                               batch_size=batch_size, progress=progress, model_mode=model_mode,
+                                               output=output or default_output(task, purpose)):
+        yield g, idx, rows, {n: calls_as_rows(capture.specs[n], calls) for n, calls in grads.items()}
 
 
 def projected_gradients(model: nn.Module, task: Task, data: Any, projector: KroneckerProjector, *,

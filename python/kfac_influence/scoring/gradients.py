@@ -11,8 +11,7 @@ import kfac_kernels as kk
 
 from ..capture import LayerCapture, calls_as_rows
 from ..data_iter import num_examples
-from ..engine import (checked, forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar, seeded_rng,
-                      total_groups, use_model_mode)
+from ..engine import checked, gradient_chunks, model_device_dtype
 from ..tasks.base import Task
 
 
@@ -27,24 +26,15 @@ def example_gradients(model: nn.Module, task: Task, modules: Mapping[str, nn.Mod
     device, mdtype = model_device_dtype(model)
     dtype = dtype or mdtype
     capture = LayerCapture(dict(modules))
-    n = num_examples(data)
     m = int(num_draws or task.num_draws(purpose))
-    seed = task.seed if seed is None else seed
-    out = {nm: torch.zeros((n,) + s.grad_shape, dtype=dtype, device=device) for nm, s in capture.specs.items()}
-    bar = progress_bar(total_groups(data, batch_size, m), f"{purpose} gradients", progress)
-    with use_model_mode(model, model_mode):
-        for g, _, chunks in iter_groups(task, data, purpose, num_draws=m, seed=seed, batch_size=batch_size):
-            for c, rows in enumerate(chunks):
-                rows = rows.to(device, mdtype)
-                with seeded_rng(seed, g, c, device):
-                    f = forward_capture(model, task, capture, rows)
-                    value = task.measurement(f, rows) if purpose == "query" else task.train_loss(f, rows)
-                    grads = layer_gradients(capture, value, torch.full_like(value, rows.weight), False)
-                idx = rows.example.to(device)
-                for name, calls in grads.items():
-                    a, gr = calls_as_rows(capture.specs[name], calls)
-                    per_row = kk.per_example_gradients(a, gr, append_one=capture.specs[name].has_bias)
-                    out[name].index_add_(0, idx, checked(name, per_row, calls).to(dtype))
-            bar.update(1)
-    bar.close()
+    out = {nm: torch.zeros((num_examples(data),) + s.grad_shape, dtype=dtype, device=device)
+           for nm, s in capture.specs.items()}
+    for _, _, rows, grads in gradient_chunks(model, task, capture, data, purpose, num_draws=m,
+                                             seed=task.seed if seed is None else seed, batch_size=batch_size,
+                                             progress=progress, model_mode=model_mode):
+        idx = rows.example.to(device)
+        for name, calls in grads.items():
+            a, gr = calls_as_rows(capture.specs[name], calls)
+            per_row = kk.per_example_gradients(a, gr, append_one=capture.specs[name].has_bias)
+            out[name].index_add_(0, idx, checked(name, per_row, calls).to(dtype))
     return out

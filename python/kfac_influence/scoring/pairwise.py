@@ -19,8 +19,7 @@ import kfac_kernels as kk
 from ..capture import LayerCapture, calls_as_rows
 from ..curvature.curvature import Curvature
 from ..data_iter import num_examples
-from ..engine import (Checkpointer, checked, forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar,
-                      seeded_rng, total_groups, use_model_mode)
+from ..engine import Checkpointer, checked, gradient_chunks, model_device_dtype, total_groups
 from ..storage import load_tensors, save_tensors
 from ..tasks.base import Task
 from .gradients import example_gradients
@@ -36,25 +35,6 @@ def preconditioned_query_gradients(model: nn.Module, task: Task, curvature: Curv
     grads = example_gradients(model, task, modules, queries, purpose="query", batch_size=batch_size,
                               progress=progress, model_mode=model_mode)
     return curvature.precondition(grads)
-
-
-def _train_pass(model, task, capture, data, *, batch_size, seed, num_draws, progress, model_mode, on_chunk,
-                start, saver, desc):
-    device, mdtype = model_device_dtype(model)
-    bar = progress_bar(total_groups(data, batch_size, num_draws), desc, progress, initial=start)
-    with use_model_mode(model, model_mode):
-        for g, idx, chunks in iter_groups(task, data, "train", num_draws=num_draws, seed=seed,
-                                          batch_size=batch_size, start=start):
-            for c, rows in enumerate(chunks):
-                rows = rows.to(device, mdtype)
-                with seeded_rng(seed, g, c, device):
-                    f = forward_capture(model, task, capture, rows)
-                    loss = task.train_loss(f, rows)
-                    grads = layer_gradients(capture, loss, torch.full_like(loss, rows.weight), False)
-                on_chunk(g, idx, rows, grads)
-            saver.after_group(g + 1)
-            bar.update(1)
-    bar.close()
 
 
 def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
@@ -108,9 +88,11 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     def save(done):
         save_tensors(ckpt, {"scores": scores}, {**header, "groups_done": done})
 
-    _train_pass(model, task, capture, train, batch_size=batch_size, seed=task.seed, num_draws=m,
-                progress=progress, model_mode=model_mode, on_chunk=on_chunk, start=start,
-                saver=Checkpointer(save if ckpt else None, every=checkpoint_every), desc="pairwise scores")
+    saver = Checkpointer(save if ckpt else None, every=checkpoint_every)
+    for g, idx, rows, grads in gradient_chunks(model, task, capture, train, "train", num_draws=m, seed=task.seed,
+                                               batch_size=batch_size, progress=progress, model_mode=model_mode,
+                                               start=start, desc="pairwise scores", after_group=saver.after_group):
+        on_chunk(g, idx, rows, grads)
     if ckpt is not None:
         save(total_groups(train, batch_size, m))
     return scores
@@ -161,7 +143,8 @@ def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, 
         if not whole and int(rows.example[-1]) == int(idx[-1]) and int(rows.draw[-1]) == m - 1:
             flush(idx.to(device))
 
-    _train_pass(model, task, capture, train, batch_size=batch_size, seed=task.seed, num_draws=m,
-                progress=progress, model_mode=model_mode, on_chunk=on_chunk, start=0,
-                saver=Checkpointer(None), desc="self scores")
+    for g, idx, rows, grads in gradient_chunks(model, task, capture, train, "train", num_draws=m, seed=task.seed,
+                                               batch_size=batch_size, progress=progress, model_mode=model_mode,
+                                               desc="self scores"):
+        on_chunk(g, idx, rows, grads)
     return out
