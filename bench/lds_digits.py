@@ -190,7 +190,11 @@ def main(argv=None):
     p.add_argument("--root", default=str(ROOT / "runs" / "lds_digits"))
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stage", default="all", choices=["all", "retrain", "precompute", "scores", "table"])
+    p.add_argument("--stage", default="all", choices=["all", "retrain", "precompute", "scores", "table",
+                                                          "drawseed"])
+    p.add_argument("--draw-seed", type=int, nargs="+", default=[1],
+                   help="--stage drawseed: draw seeds (train/query task seed s, fit seed s + 1; 1 = the original "
+                        "run) for EK-FAC expand MC with uniform / antithetic / stratified+antithetic draws")
     p.add_argument("--smoke", action="store_true", help="tiny settings (minutes): checks the script end to end")
     args = p.parse_args(argv)
     global S
@@ -212,6 +216,10 @@ def main(argv=None):
     print(f"retraining + ground truth ready in {time.time() - t0:.0f} s", flush=True)
     print("oracle loss", run.oracle(gt["loss"]).percent(), "elbo", run.oracle(gt["elbo"]).percent(), flush=True)
     if args.stage == "retrain":
+        return
+    if args.stage == "drawseed":
+        from lds_methods import draw_seed_check  # noqa: E402
+        draw_seed_check(root, S, images, q, run, gt, seeds=args.draw_seed)
         return
     from lds_methods import run_methods  # noqa: E402  (bench/lds_methods.py)
     run_methods(root, S, images, q, run, gt, stage=args.stage)

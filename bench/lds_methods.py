@@ -37,9 +37,13 @@ BATCH = 256
 
 
 class Bench:
-    def __init__(self, root: Path, S, images, q, run, gt, build_full):
+    def __init__(self, root: Path, S, images, q, run, gt, build_full, draw_seed: int = 1):
         self.root, self.S, self.images, self.q, self.run, self.gt = root, S, images, q, run, gt
         self.build_full = build_full
+        # draw seed: train/query draws use task seed ``draw_seed``, curvature (fit) draws ``draw_seed + 1``;
+        # the default 1 is the original run (task seed 1, fit seed 2) and keeps its cache names
+        self.draw_seed = int(draw_seed)
+        self.sfx = "" if self.draw_seed == 1 else f"_ds{self.draw_seed}"
         self.cache = root / "scores"
         from kfac_influence.diffusion import make_scheduler
         self.sch = make_scheduler()
@@ -65,7 +69,8 @@ class Bench:
         return self.build_full(steps=int(steps), raw=(kind == "raw"))
 
     def task(self, measurement: str = "loss", draws: str = "uniform", **kw):
-        common = dict(num_train_draws=self.S.draws, num_query_draws=self.S.draws, measurement=measurement, seed=1)
+        common = dict(num_train_draws=self.S.draws, num_query_draws=self.S.draws, measurement=measurement,
+                      seed=self.draw_seed)
         common.update(kw)
         if draws == "uniform":
             return DiffusionTask(self.sch, **common)
@@ -76,21 +81,22 @@ class Bench:
             m = self.model(model_key)
             return example_gradients(m, self.task(draws=draws), select_layers(m), self.images, purpose="train",
                                      batch_size=BATCH)
-        return self.cached(f"tg_{model_key}_{draws}", fn)
+        return self.cached(f"tg_{model_key}_{draws}{self.sfx}", fn)
 
     def query_grads(self, measurement="loss", model_key="final", draws="uniform", tag="", **kw):
         def fn():
             m = self.model(model_key)
             return example_gradients(m, self.task(measurement, draws=draws, **kw), select_layers(m),
                                      self.q["images"], purpose="query", batch_size=BATCH)
-        return self.cached(f"qg_{model_key}_{draws}_{measurement}{tag}", fn)
+        return self.cached(f"qg_{model_key}_{draws}_{measurement}{tag}{self.sfx}", fn)
 
     def curvature(self, approx="expand", fisher="mc", model_key="final", draws="uniform") -> Curvature:
-        path = self.cache / f"curv_{model_key}_{draws}_{approx}_{fisher}.safetensors"
+        path = self.cache / f"curv_{model_key}_{draws}_{approx}_{fisher}{self.sfx}.safetensors"
         m = self.model(model_key)
         if not path.exists():
             t0 = time.time()
-            cfg = CurvatureConfig(method="ekfac", approx=approx, fisher=fisher, num_draws=self.S.draws, seed=2)
+            cfg = CurvatureConfig(method="ekfac", approx=approx, fisher=fisher, num_draws=self.S.draws,
+                                  seed=self.draw_seed + 1)
             fit_curvature(m, self.task(draws=draws), self.images, cfg, batch_size=BATCH, progress=False).save(path)
             print(f"  fit {path.name}: {time.time() - t0:.0f} s", flush=True)
         return load_curvature(path, m)
@@ -338,3 +344,40 @@ def precompute(root: Path, S, images, q):
         b.query_grads("loss", model_key=key)
         b.train_grads(model_key=key)
     print("precompute done", flush=True)
+
+
+def draw_seed_check(root: Path, S, images, q, run, gt, seeds=(1,)):
+    """EK-FAC expand MC (loss target) with uniform, antithetic and stratified+antithetic draws, per draw seed, with
+    the damping rule of ``go_past``: each method at its best absolute damping of the grid; paired differences over
+    the queries vs the uniform reference (and vs pixel cosine). Seed 1 reuses the original run's cache."""
+    import lds_digits as LD
+    pix = embedding_similarity(q["images"], images)
+    out = {}
+    for ds in seeds:
+        t0 = time.time()
+        b = Bench(root, S, images, q, run, gt,
+                  lambda steps=None, raw=False: LD.full_model(root, images, steps=steps, raw=raw), draw_seed=ds)
+        pix_r = b.lds(pix, "loss")
+        rows = {}
+        for draws in ("uniform", "anti", "strat+anti"):
+            c = b.curvature("expand", "mc", draws=draws)
+            sw = b.sweep(c, b.query_grads("loss", draws=draws), b.train_grads(draws=draws), "loss",
+                         modes=("absolute",))
+            (_, d), r = best(sw, "absolute")
+            rows[draws] = (sw, d, r)
+        base_sw, bd, base = rows["uniform"]
+        res = {}
+        for draws, (sw, d, r) in rows.items():
+            diff = paired_difference(r, base)
+            dfix = paired_difference(sw[("absolute", bd)], base_sw[("absolute", bd)])
+            dpix = paired_difference(r, pix_r)
+            res[draws] = {"lds": [r.mean, r.sem], "damping": d, "diff": [diff.mean, diff.sem],
+                          "diff_at_ref_damping": [dfix.mean, dfix.sem], "diff_vs_pixel": [dpix.mean, dpix.sem]}
+            print(f"seed {ds} {draws:10s} LDS {fmt(r)} (abs {d:g})  vs uniform {fmt(diff)}  "
+                  f"(at ref damping {fmt(dfix)})  vs pixel {fmt(dpix)}", flush=True)
+        res["pixel"] = [pix_r.mean, pix_r.sem]
+        res["wall_s"] = time.time() - t0
+        out[ds] = res
+        (root / "draw_seed_check.json").write_text(json.dumps(out, indent=1, default=str))
+        print(f"seed {ds} done in {res['wall_s']:.0f} s", flush=True)
+    return out

@@ -90,3 +90,19 @@ def test_trajectory_measurement_gradients_equal_autograd_of_trajectory_logprob()
         ref = bf.param_grads(unet, modules, -trajectory_logprob(unet, sch, traj[q:q + 1]).sum())
         for name in modules:
             torch.testing.assert_close(got[name][q], ref[name], rtol=1e-5, atol=1e-8)
+
+
+def test_stratified_antithetic_draws():
+    task = DiffusionTask(scheduler(), num_train_draws=6, seed=2, stratified=True, antithetic=True)
+    x = torch.rand(2, 1, 4, 4, dtype=F64)
+    rows = task.rows(x, torch.arange(2), "fit", num_draws=6, seed=2)
+    t = rows.data["t"].view(2, 6)
+    eps = rows.data["target"].view(2, 6, -1)
+    xi = rows.data["xi"].view(2, 6, -1)
+    assert torch.equal(t[:, 0::2], t[:, 1::2])  # pairs share t
+    assert torch.equal(eps[:, 0::2], -eps[:, 1::2]) and torch.equal(xi[:, 0::2], -xi[:, 1::2])
+    for b in range(2):  # one pair per stratum of width T/3
+        assert sorted((t[b, 0::2] * 3 // 1000).tolist()) == [0, 1, 2]
+    abar = task.alphas_cumprod[rows.data["t"]].view(-1, 1, 1, 1)
+    torch.testing.assert_close(rows.data["x_t"], abar.sqrt() * x.repeat_interleave(6, 0)
+                               + (1 - abar).sqrt() * rows.data["target"])

@@ -97,6 +97,8 @@ OPTIONS = {
          "what is attributed for each query"),
         ("--train-draws", "score", "num_train_draws", int, None, "(t, eps) draws per training example"),
         ("--query-draws", "score", "num_query_draws", int, None, "(t, eps) draws per query"),
+        ("--draws", "score", "draws", str, ("stratified-antithetic", "plain"),
+         "draw scheme for fit, train and query draws: stratified timesteps + antithetic noise, or i.i.d."),
         ("--score-batch-size", "score", "batch_size", int, None, "draws per forward pass when scoring"),
         ("--score-seed", "score", "seed", int, None, "seed of the train and query draws"),
         ("--curvature", "score", "curvature", _opt_str, None, "use this curvature file instead of the fit stage"),
