@@ -12,13 +12,7 @@ from kfac_influence.diffusion.data import (DataConfig, DataError, load_dataset, 
 from kfac_influence.diffusion.models import ModelError, build_model, load_model, make_scheduler, save_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a loaded machine (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_range_ids_labels():

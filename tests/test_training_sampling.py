@@ -10,13 +10,7 @@ from kfac_influence.diffusion.sampling import (ddpm_sample, default_timesteps, t
 from kfac_influence.diffusion.training import TrainConfig, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a loaded machine (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_model(seed=0, dropout=0.0):
