@@ -164,3 +164,13 @@ def test_class_match_statistic():
     assert cm.positive == 0.5 and cm.chance == 0.5 and cm.k == 2
     # bottom-2: query 0 -> ids 2, 3 -> labels 0, 1 -> 0.5; query 1 -> ids 1, 0 -> labels 1, 0 -> 0.5
     assert cm.negative == 0.5 and cm.per_query.tolist() == [0.5, 0.5]
+
+
+def test_max_memory_picks_batch_sizes_or_fails_clearly(tmp_path, tiny_json):
+    out = tmp_path / "mm"
+    p = cli("run", "--out", out, "--model", tiny_json, *FAST, "--max-memory", "1KiB", check=False)
+    _one_line_error(p, "--max-memory 1KiB")
+    assert (out / "samples/samples.safetensors").is_file() and not (out / "fit/curvature.safetensors").exists()
+    cli("run", "--out", out, "--model", tiny_json, *FAST, "--max-memory", "512MiB")
+    assert (out / "scores/scores.safetensors").is_file()
+    assert json.loads((out / "run.json").read_text())["settings"]["max_memory"] == "512MiB"

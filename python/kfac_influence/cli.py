@@ -90,6 +90,9 @@ OPTIONS = {
         ("--fit-seed", "fit", "seed", int, None, "seed of the curvature draws"),
         ("--model-mode", None, "model_mode", str, ("eval", "train"),
          "dropout off (eval) or on (train) for curvature, train and query gradients alike"),
+        ("--max-memory", None, "max_memory", _opt_str, None,
+         "memory budget of the fit and score stages (e.g. 6GiB): picks their draws per forward pass, overriding "
+         "--fit-batch-size / --score-batch-size ('none': use those)"),
     ],
     "score": [
         ("--measurement", "score", "measurement", str,

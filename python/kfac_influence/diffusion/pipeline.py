@@ -144,8 +144,13 @@ class RunSettings:
     report: ReportSettings = ReportSettings()
     model_mode: str = "eval"
     device: str = "auto"
+    max_memory: Optional[str] = None
 
     def __post_init__(self):
+        if self.max_memory is not None:
+            from ..memory import parse_bytes
+
+            parse_bytes(self.max_memory)  # raises ValueError on a malformed size
         if self.model_mode not in MODEL_MODES:
             raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {self.model_mode!r}")
         if self.device != "auto":
@@ -435,11 +440,25 @@ class Pipeline:
 
         model, _ = self.trained()
         f = self.s.fit
-        curv = fit_curvature(model, self._task(), self.data().images, f.curvature_config(), batch_size=f.batch_size,
+        task = self._task()
+        batch_size = self._batch_size(model, task, "fit", f.batch_size)
+        curv = fit_curvature(model, task, self.data().images, f.curvature_config(), batch_size=batch_size,
                              checkpoint_dir=os.path.join(d, "checkpoints"), progress=self.progress,
                              model_mode=self.s.model_mode)
         curv.save(os.path.join(d, "curvature.safetensors"))
         shutil.rmtree(os.path.join(d, "checkpoints"), ignore_errors=True)  # resumable state, no longer needed
+
+    def _batch_size(self, model, task, stage: str, default: int, **sizes) -> int:
+        """Draws per forward: ``default``, or the largest that fits ``--max-memory`` (kfac_influence.memory)."""
+        if self.s.max_memory is None:
+            return default
+        from ..memory import choose_batch_size
+
+        try:
+            return choose_batch_size(model, task, self.data().images[:2], self.s.max_memory, stage=stage,
+                                     config=self.s.fit.curvature_config(), **sizes)
+        except MemoryError as exc:
+            raise StageError(f"--max-memory {self.s.max_memory}: {exc}") from None
 
     def curvature_path(self) -> str:
         return self.s.score.curvature or self.path("fit", "curvature.safetensors")
@@ -462,8 +481,11 @@ class Pipeline:
             else samples["images"]
         data = self.data()
         sc = self.s.score
-        scores = pairwise_scores(model, self._task(), curv, queries.to(self.device), data.images,
-                                 batch_size=sc.batch_size, progress=self.progress, model_mode=self.s.model_mode,
+        task = self._task()
+        batch_size = self._batch_size(model, task, "scores", sc.batch_size, num_queries=len(queries),
+                                      num_examples=len(data.images))
+        scores = pairwise_scores(model, task, curv, queries.to(self.device), data.images,
+                                 batch_size=batch_size, progress=self.progress, model_mode=self.s.model_mode,
                                  checkpoint_dir=os.path.join(d, "checkpoints"))
         scores = scores.float().cpu()
         if not torch.isfinite(scores).all():
