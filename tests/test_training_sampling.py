@@ -1,11 +1,9 @@
 """DDPM training (seeded, resumable) and ancestral sampling / trajectory log-probability."""
-import math
-
 import pytest
 import torch
 
 from kfac_influence.diffusion import training
-from kfac_influence.diffusion.models import build_model, make_scheduler, SchedulerConfig
+from kfac_influence.diffusion.models import make_scheduler, SchedulerConfig
 from kfac_influence.diffusion.sampling import (ddpm_sample, default_timesteps, trajectory_logprob, transition)
 from kfac_influence.diffusion.training import TrainConfig, train
 

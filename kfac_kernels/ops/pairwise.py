@@ -61,7 +61,7 @@ def pairwise_scores_reference(a: torch.Tensor, g: torch.Tensor, queries, *, appe
     b = a.shape[0]
     nq = _query_shape(queries)[0]
     check_out(out, (nq, b), a.device)
-    dt = acc_dtype(a, g) if not isinstance(queries, Int8Queries) else acc_dtype(a, g)
+    dt = acc_dtype(a, g)
     p = queries.dequantize(dt) if isinstance(queries, Int8Queries) else queries.to(dt)
     a, g = a.to(dt), g.to(dt)
     per_ex = p.shape[1] * p.shape[2] * p.element_size()

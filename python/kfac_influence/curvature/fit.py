@@ -7,7 +7,6 @@ sum_r g g^T; reduce: a = mean_r a_r, g = sum_r g_r, both averaged over (n, draw)
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 

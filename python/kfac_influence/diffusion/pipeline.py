@@ -23,7 +23,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Dict, Optional
 
 import torch

@@ -14,7 +14,6 @@ Registered by the main CLI with ``add_subcommands(subparsers)``; each subparser 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Optional
 

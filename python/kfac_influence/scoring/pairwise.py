@@ -116,9 +116,8 @@ def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, 
     pending: Dict[str, torch.Tensor] = {}
 
     def flush(idx):
-        grads = {k: v for k, v in pending.items()}
-        pre = curvature.precondition(grads)
-        for name, v in grads.items():
+        pre = curvature.precondition(pending)
+        for name, v in pending.items():
             out[idx] += (pre[name].to(acc_dtype) * v.to(acc_dtype)).flatten(1).sum(1)
         pending.clear()
 
