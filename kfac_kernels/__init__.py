@@ -3,6 +3,8 @@
 Every public op dispatches by device (CUDA -> Triton, else torch); pass ``backend="torch"|"triton"|"native"``
 or set ``KFAC_KERNELS_BACKEND`` to force one. Shapes: ``a: (B, R, D_in)`` layer inputs per example and position,
 ``g: (B, R, D_out)`` output gradients, ``append_one`` appends the homogeneous bias coordinate (last index).
+Wherever an op takes ``a`` it also takes ``ConvPatches(x, kernel_size, stride, padding, dilation)``: a Conv2d
+input ``x: (B, C, H, W)`` standing for its unfolded patches, which the torch path then never materialises.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from . import dispatch
 from .ops import covariance as _cov, eigen_correction as _ec, pairwise as _pw, precondition as _pc  # noqa: F401
-from .ops.im2col import conv_output_size, unfold_conv_input
+from .ops.im2col import ConvPatches, conv_output_size, unfold_conv_input
 from .ops.pairwise import Int8Queries, quantize_int8
 from .ops.per_example import per_example_gradients
 
@@ -20,7 +22,7 @@ from .ops.per_example import per_example_gradients
 __all__ = [
     "linear_covariance", "conv_covariance", "eigenvalue_correction", "eigenbasis_self_scores", "precondition",
     "pairwise_scores", "per_example_gradients", "unfold_conv_input", "conv_output_size", "Int8Queries",
-    "quantize_int8", "dispatch",
+    "quantize_int8", "dispatch", "ConvPatches",
 ]
 
 

@@ -33,7 +33,7 @@ def kernel_dtype(*ts: torch.Tensor) -> torch.dtype:
 
 
 def any_float64(*ts) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in ts)
+    return any(getattr(t, "dtype", None) == torch.float64 for t in ts)  # tensors and ConvPatches
 
 
 def num_programs_target(device: torch.device) -> int:

@@ -16,6 +16,7 @@ import torch
 
 from ..dispatch import register
 from ._checks import acc_dtype, accumulate, check_out, check_tensor
+from .im2col import as_rows
 from .per_example import check_ag, chunk_size_for, per_example_gradients, rotate_inputs
 
 
@@ -31,12 +32,13 @@ def _check_bases(a, g, q_a, q_g, append_one):
     return d_in
 
 
-def rotated_gradients(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, *,
+def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, *,
                       append_one: bool = False, chunk_size: Optional[int] = None) -> Iterator[torch.Tensor]:
     """Yield chunks ``Z: (b, D_out, D_in')`` of per-example gradients in the eigenbasis.
 
     Two orders give the same Z: rotate a and g per position, then contract over positions (cheaper when R is
-    small), or contract first and rotate each example's gradient (cheaper when R exceeds the layer widths)."""
+    small), or contract first and rotate each example's gradient (cheaper when R exceeds the layer widths).
+    ``a`` may be ``ConvPatches`` (unfolded only when rotating first)."""
     dt = acc_dtype(a, g, q_a, q_g)
     b, r, d_out = g.shape
     d_in = q_a.shape[0]
@@ -45,7 +47,7 @@ def rotated_gradients(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_g: 
     per_ex = d_out * d_in * torch.finfo(dt).bits // 8
     step = chunk_size or chunk_size_for(b, per_ex)
     if rotate_first:
-        a_rot = rotate_inputs(a.to(dt), qa, append_one)
+        a_rot = rotate_inputs(as_rows(a).to(dt), qa, append_one)
         g_rot = g.to(dt) @ qg
         for s in range(0, b, step):
             yield torch.einsum("bro,bri->boi", g_rot[s:s + step], a_rot[s:s + step])
@@ -64,7 +66,7 @@ def eigenvalue_correction_reference(a: torch.Tensor, g: torch.Tensor, q_a: torch
     check_out(out, (g.shape[-1], d_in), a.device)
     dt = acc_dtype(a, g, q_a, q_g)
     if a.shape[1] == 1:  # R = 1: GEMM of squares
-        a_rot = rotate_inputs(a[:, 0].to(dt), q_a.to(dt), append_one)
+        a_rot = rotate_inputs(as_rows(a)[:, 0].to(dt), q_a.to(dt), append_one)
         g_rot = g[:, 0].to(dt) @ q_g.to(dt)
         return accumulate(out, (g_rot ** 2).T @ (a_rot ** 2))
     total = torch.zeros(g.shape[-1], d_in, dtype=dt, device=a.device)
@@ -236,7 +238,7 @@ if HAS_TRITON:
         check_out(out, (g.shape[-1], d_in), a.device)
         if any_float64(a, g, q_a, q_g, out):
             return eigenvalue_correction_reference(a, g, q_a, q_g, append_one=append_one, out=out)
-        a_rot, g_rot = _rotate(a, g, q_a, q_g, append_one)
+        a_rot, g_rot = _rotate(as_rows(a), g, q_a, q_g, append_one)
         if a.shape[1] == 1:
             total = _launch_square_gemm(a_rot[:, 0], g_rot[:, 0], split)
         else:
@@ -254,5 +256,5 @@ if HAS_TRITON:
         if any_float64(a, g, q_a, q_g, eigenvalues, damping):
             return eigenbasis_self_scores_reference(a, g, q_a, q_g, eigenvalues, damping, append_one=append_one)
         inv = (1.0 / (eigenvalues.float() + damping)).contiguous()
-        a_rot, g_rot = _rotate(a, g, q_a, q_g, append_one)
+        a_rot, g_rot = _rotate(as_rows(a), g, q_a, q_g, append_one)
         return _launch_tiles(a_rot, g_rot, inv=inv, split=split)

@@ -12,6 +12,7 @@ import torch
 
 from ..dispatch import register
 from ._checks import acc_dtype, accumulate, check_out, check_tensor
+from .im2col import as_rows
 from .per_example import check_ag, chunk_size_for, per_example_gradients
 
 
@@ -165,7 +166,7 @@ if HAS_TRITON:
         if any_float64(a, g, out, None if int8 else queries):
             return pairwise_scores_reference(a, g, queries, append_one=append_one, out=out)
         dt = kernel_dtype(a, g)
-        a, g = a.to(dt), g.to(dt)
+        a, g = as_rows(a).to(dt), g.to(dt)
         if int8:
             p, scale, zero = queries.q, queries.scale.float().contiguous(), queries.zero.float().contiguous()
         else:

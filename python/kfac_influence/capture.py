@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -169,8 +169,16 @@ def grads_as_rows(spec: LayerSpec, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-def calls_as_rows(spec: LayerSpec, calls: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All calls of one layer -> (a, g) with positions of every call concatenated: (n, R_total, d)."""
+def calls_as_rows(spec: LayerSpec, calls: List[Tuple[torch.Tensor, torch.Tensor]], *,
+                  patches: bool = False) -> Tuple[Union[torch.Tensor, kk.ConvPatches], torch.Tensor]:
+    """All calls of one layer -> (a, g) with positions of every call concatenated: (n, R_total, d).
+
+    With ``patches`` a conv layer called once gives ``a`` as ``kk.ConvPatches`` (no im2col): for the ops, which
+    accept it in place of the unfolded rows."""
+    if patches and spec.kind == "conv2d" and len(calls) == 1:
+        x, gr = calls[0]
+        return (kk.ConvPatches(x, spec.kernel_size, spec.stride, spec.padding, spec.dilation),
+                grads_as_rows(spec, gr))
     a = [inputs_as_rows(spec, x) for x, _ in calls]
     g = [grads_as_rows(spec, gr) for _, gr in calls]
     if len(calls) == 1:

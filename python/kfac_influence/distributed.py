@@ -257,7 +257,7 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
             def eigen_chunk(g, idx, rows, f):
                 for grads in vectors_and_grads(rows, f):
                     for name, calls in grads.items():
-                        a, gr = calls_as_rows(specs[name], calls)
+                        a, gr = calls_as_rows(specs[name], calls, patches=True)
                         qa, qg = bases[name]
                         st.sums[f"{name}::Lambda"] += kk.eigenvalue_correction(a, gr, qa, qg,
                                                                                append_one=specs[name].has_bias)
@@ -332,7 +332,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
         grads = layer_gradients(capture, loss, torch.full_like(loss, rows.weight), False)
         part = torch.zeros(nq, len(rows), dtype=acc, device=device)
         for name, calls in grads.items():
-            a, gr = calls_as_rows(specs[name], calls)
+            a, gr = calls_as_rows(specs[name], calls, patches=True)
             part += kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias).to(acc)
         scores.index_add_(1, rows.example.to(device), part)
 

@@ -87,6 +87,12 @@ class _FitState:
         return st
 
 
+def mean_factor(state: "_FitState", name: str, which: str) -> torch.Tensor:
+    """A (sum over input rows / their count) or G (sum / number of draws), float64."""
+    count = state.counts[f"{name}::A"] if which == "A" else state.counts["draws"]
+    return state.sums[f"{name}::{which}"] / max(1, count)
+
+
 def _eig(mat: torch.Tensor):
     s, q = torch.linalg.eigh(mat.double())
     return s.clamp_min(0), q
@@ -156,20 +162,25 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
     with use_model_mode(model, model_mode):
         if state.stage == "factors":
             run_pass("factors", factors_chunk)
-        A = {nm: state.sums[f"{nm}::A"] / max(1, state.counts[f"{nm}::A"]) for nm in specs}
-        G = {nm: state.sums[f"{nm}::G"] / max(1, state.counts["draws"]) for nm in specs}
-        eig = {nm: (_eig(A[nm]), _eig(G[nm])) for nm in specs}
+        # Only eigenvalues (float64) and eigenvectors in the stored dtype outlive this loop: no float64 copies of
+        # A, G or the bases sit beside the eigenvalue pass (docs/memory.md).
+        eig = {}
+        for nm in specs:
+            sA, QA = _eig(mean_factor(state, nm, "A"))
+            sG, QG = _eig(mean_factor(state, nm, "G"))
+            eig[nm] = (sA, QA.to(config.dtype), sG, QG.to(config.dtype))
+            del QA, QG
         if config.method == "ekfac":
             if state.stage == "factors":
                 state.start_eigen(specs, device)
                 if ckpt:
                     state.save(ckpt, header)
-            bases = {nm: (eig[nm][0][1].to(dtype), eig[nm][1][1].to(dtype)) for nm in specs}
+            bases = {nm: (eig[nm][1].to(dtype), eig[nm][3].to(dtype)) for nm in specs}
 
             def eigen_chunk(rows, f):
                 for grads in vectors_and_grads(rows, f):
                     for name, calls in grads.items():
-                        a, g = calls_as_rows(specs[name], calls)
+                        a, g = calls_as_rows(specs[name], calls, patches=True)
                         qa, qg = bases[name]
                         state.sums[f"{name}::Lambda"] += checked(name, kk.eigenvalue_correction(
                             a, g, qa, qg, append_one=specs[name].has_bias), calls)
@@ -181,11 +192,12 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
 
     factors = {}
     for nm in specs:
-        (sA, QA), (sG, QG) = eig[nm]
+        sA, QA, sG, QG = eig.pop(nm)
         lam = state.sums[f"{nm}::Lambda"] / max(1, state.counts["eigen_draws"]) if config.method == "ekfac" \
             else torch.outer(sG, sA)
         factors[nm] = {k: v.detach().to("cpu", config.dtype) for k, v in
-                       dict(A=A[nm], G=G[nm], QA=QA, QG=QG, sA=sA, sG=sG, Lambda=lam).items()}
+                       dict(A=mean_factor(state, nm, "A"), G=mean_factor(state, nm, "G"), QA=QA, QG=QG, sA=sA,
+                            sG=sG, Lambda=lam).items()}
     curv = Curvature(config, specs, factors, header["fingerprint"], n, m)
     if ckpt:
         state.save(ckpt, header)

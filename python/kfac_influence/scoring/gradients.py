@@ -34,7 +34,7 @@ def example_gradients(model: nn.Module, task: Task, modules: Mapping[str, nn.Mod
                                              progress=progress, model_mode=model_mode):
         idx = rows.example.to(device)
         for name, calls in grads.items():
-            a, gr = calls_as_rows(capture.specs[name], calls)
+            a, gr = calls_as_rows(capture.specs[name], calls, patches=True)
             per_row = kk.per_example_gradients(a, gr, append_one=capture.specs[name].has_bias)
             out[name].index_add_(0, idx, checked(name, per_row, calls).to(dtype))
     return out

@@ -80,7 +80,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
         cols = rows.example.to(device)
         part = torch.zeros(nq, len(rows), dtype=acc_dtype, device=device)
         for name, calls in grads.items():
-            a, gr = calls_as_rows(specs[name], calls)
+            a, gr = calls_as_rows(specs[name], calls, patches=True)
             part += checked(name, kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias),
                             calls).to(acc_dtype)
         scores.index_add_(1, cols, part)
@@ -125,13 +125,14 @@ def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, 
         whole = len(rows) == len(idx) * m  # the whole group is in this chunk
         local = rows.example.to(device) - int(idx[0])
         for name, calls in grads.items():
-            a, gr = calls_as_rows(specs[name], calls)
+            # draws of an example become extra positions below, which ConvPatches cannot express: rows then
+            a, gr = calls_as_rows(specs[name], calls, patches=m == 1 or not whole)
             s = specs[name]
             if whole:
                 qa, qg, lam = curvature.on(name, device, mdtype)
                 b = len(idx)
-                a3 = a.reshape(b, -1, a.shape[-1])
-                g3 = gr.reshape(b, -1, gr.shape[-1])
+                a3 = a if m == 1 else a.reshape(b, -1, a.shape[-1])
+                g3 = gr if m == 1 else gr.reshape(b, -1, gr.shape[-1])
                 part = kk.eigenbasis_self_scores(a3, g3, qa, qg, lam, curvature.damping(name), append_one=s.has_bias)
                 out[idx.to(device)] += checked(name, part, calls).to(acc_dtype)
             else:
