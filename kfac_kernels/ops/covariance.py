@@ -133,22 +133,28 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation) -> torc
 
     ex_h = [excluded(real_h, st, oh) for st in start_h]
     ex_w = [excluded(real_w, st, ow) for st in start_w]
-    row_terms = {i: strip_gram(ex_h[i], real_w, wanted(lambda i1, j1: i1 == i)) for i in range(kh) if ex_h[i]}
-    col_terms = {j: strip_gram(real_h, ex_w[j], wanted(lambda i1, j1: j1 == j)) for j in range(kw) if ex_w[j]}
-    corners = {(i, j): strip_gram(ex_h[i], ex_w[j], wanted(lambda i1, j1: (i1, j1) == (i, j)))
-               for i in row_terms for j in col_terms}
+    # border terms as dense (kh | kw | kh*kw, n_delta, C, C) tables, zero where a tap has no such border
+    n_d = len(deltas)
+    border = x.new_zeros(kh + kw + kh * kw + 1, n_d, c, c)  # last slot: the zero term
+    for i in range(kh):
+        if ex_h[i]:
+            for k, v in strip_gram(ex_h[i], real_w, wanted(lambda i1, j1: i1 == i)).items():
+                border[i, k] = v
+    for j in range(kw):
+        if ex_w[j]:
+            for k, v in strip_gram(real_h, ex_w[j], wanted(lambda i1, j1: j1 == j)).items():
+                border[kh + j, k] = v
+    for i in range(kh):
+        for j in range(kw):
+            if ex_h[i] and ex_w[j]:
+                for k, v in strip_gram(ex_h[i], ex_w[j], wanted(lambda i1, j1: (i1, j1) == (i, j))).items():
+                    border[kh + kw + i * kw + j, k] = v
+    t1s, t2s, ks = (torch.tensor(v, device=x.device) for v in zip(*pairs))
+    i1s, j1s = t1s // kw, t1s % kw
+    upper = full[ks] - border[i1s, ks] - border[kh + j1s, ks] + border[kh + kw + t1s, ks]  # (pairs, C, C)
     blocks = x.new_empty(len(taps), len(taps), c, c)
-    for t1, t2, k in pairs:
-        i1, j1 = taps[t1]
-        blk = full[k]
-        for term in (row_terms.get(i1, {}).get(k), col_terms.get(j1, {}).get(k)):
-            if term is not None:
-                blk = blk - term
-        corner = corners.get((i1, j1), {}).get(k)
-        if corner is not None:
-            blk = blk + corner
-        blocks[t1, t2] = blk
-        blocks[t2, t1] = blk.T
+    blocks[t2s, t1s] = upper.transpose(1, 2)
+    blocks[t1s, t2s] = upper
     return blocks.permute(2, 0, 3, 1).reshape(c * len(taps), c * len(taps))  # unfold order: (c, tap)
 
 

@@ -55,8 +55,9 @@ def rotate_inputs(a: torch.Tensor, q_a: torch.Tensor, append_one: bool) -> torch
     d_in = a.shape[-1]
     if q_a.shape != (d_in + int(append_one),) * 2:
         raise ValueError(f"q_a has shape {tuple(q_a.shape)}, expected {(d_in + int(append_one),) * 2}")
-    if append_one:
-        return a @ q_a[:d_in] + q_a[d_in]
+    if append_one:  # the ones column's row of q_a enters as addmm's bias: no second pass over the result
+        flat = a.reshape(-1, d_in)
+        return torch.addmm(q_a[d_in], flat, q_a[:d_in]).reshape(*a.shape[:-1], q_a.shape[1])
     return a @ q_a
 
 
