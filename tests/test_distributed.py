@@ -1,5 +1,6 @@
-"""kfac_influence.distributed: 2 gloo processes launched by torchrun give the factors and scores of one process
-(float64, tight tolerance), and an interrupted distributed fit + scoring resumes from per-rank checkpoints.
+"""kfac_influence.distributed: 2 gloo processes launched by torchrun give the factors, scores and self-scores of
+one process (float64, tight tolerance), and an interrupted distributed fit + scoring resumes from per-rank
+checkpoints.
 
 The workers are this file run as a script under ``python -m torch.distributed.run --nproc_per_node 2``.
 Data: 7 examples, 2 draws each, 4 draws per forward -> groups of 2 examples -> 4 groups (rank 0: 2, rank 1: 2;
@@ -60,7 +61,10 @@ def worker(out: str, ckpt: str) -> None:
     results = {}
     curv = kd.fit_curvature(model, task, x, cfg, batch_size=BATCH, progress=False)
     results["plain"] = {"factors": curv.factors,
-                        "scores": kd.pairwise_scores(model, task, curv, q, x, batch_size=BATCH, progress=False)}
+                        "scores": kd.pairwise_scores(model, task, curv, q, x, batch_size=BATCH, progress=False),
+                        # batch 1 < M draws: a group's draws span chunks (the accumulate-then-rotate path)
+                        "self": [kd.self_scores(model, task, curv, x, batch_size=b, progress=False)
+                                 for b in (BATCH, 1)]}
 
     run = dict(batch_size=BATCH, progress=False, checkpoint_dir=ckpt, checkpoint_every=1)
     try:  # both ranks die in pass 1 after their first group (checkpointed), before the reduction
@@ -90,11 +94,12 @@ def torchrun(out, ckpt):
 
 
 def single_process():
-    from kfac_influence import fit_curvature, pairwise_scores
+    from kfac_influence import fit_curvature, pairwise_scores, self_scores
 
     model, task, x, q, cfg = setup()
     curv = fit_curvature(model, task, x, cfg, batch_size=BATCH, progress=False)
-    return curv, pairwise_scores(model, task, curv, q, x, batch_size=BATCH, progress=False)
+    selfs = [self_scores(model, task, curv, x, batch_size=b, progress=False) for b in (BATCH, 1)]
+    return curv, pairwise_scores(model, task, curv, q, x, batch_size=BATCH, progress=False), selfs
 
 
 def check_same(result, curv, scores):
@@ -112,7 +117,7 @@ def check_same(result, curv, scores):
 
 
 def test_two_gloo_ranks_match_one_process_and_resume(tmp_path):
-    curv, scores = single_process()
+    curv, scores, selfs = single_process()
     assert scores.shape == (3, N) and scores.abs().min() > 0
     ckpt = tmp_path / "ckpt"
     torchrun(tmp_path / "out.pt", ckpt)
@@ -120,6 +125,9 @@ def test_two_gloo_ranks_match_one_process_and_resume(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["rank0-of-2", "rank1-of-2"]
     check_same(out["plain"], curv, scores)
     check_same(out["resumed"], curv, scores)
+    for got, want in zip(out["plain"]["self"], selfs):  # every example scored by exactly one rank
+        assert want.shape == (N,) and want.min() > 0
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-14)
 
 
 def test_shard_groups_cover_in_order():

@@ -90,6 +90,12 @@ def test_self_scores_equal_diagonal_of_pairwise(batch_size):
     s = self_scores(unet, task, curv, x, batch_size=batch_size, progress=False)
     torch.testing.assert_close(s, torch.diagonal(S), rtol=1e-9, atol=1e-9 * float(s.abs().max()))
     assert (s > 0).all()
+    # shards of example groups (what distributed ranks score): disjoint, empty ones give zeros, they add up
+    size = max(1, batch_size // 3)  # examples per group
+    parts = [self_scores(unet, task, curv, x, batch_size=batch_size, progress=False, groups=range(lo, hi))
+             for lo, hi in [(0, 1), (1, 1), (1, -(-5 // size))]]
+    assert not parts[1].any() and not parts[0][size:].any() and (parts[0][:size] > 0).all()
+    torch.testing.assert_close(sum(parts), s, rtol=1e-12, atol=0)
 
 
 def test_scores_with_one_draw_and_int8_queries():

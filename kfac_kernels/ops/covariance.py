@@ -74,8 +74,9 @@ def _patch_sums(x: torch.Tensor, kernel_size, stride, padding, dilation, per_exa
     return sums if per_example else sums[0]
 
 
-def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation) -> torch.Tensor:
-    """``sum_{b,o} p_bo p_bo^T`` over the stride-1 patches of ``x: (B, C, H, W)`` without unfolding them.
+def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: torch.Tensor) -> None:
+    """Write ``sum_{b,o} p_bo p_bo^T`` over the stride-1 patches of ``x: (B, C, H, W)`` into ``out: (D, D)``
+    (D = C*kh*kw, unfold order; may be a view) without unfolding them.
 
     Block (t1, t2) of taps t1 <= t2 (flat index i*kw + j) is ``sum_q u_q u_{q+delta}^T`` over the input positions
     q in tap t1's window, delta = the offset between the taps. Over ALL positions that sum is one GEMM of the
@@ -83,7 +84,8 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation) -> torc
     positions minus a few border rows and columns (inclusion-exclusion), whose small Gram matrices are
     subtracted. That is 13 C x C GEMMs for a 3x3 kernel instead of one (9C) x (9C) GEMM of the unfolded
     patches (6x fewer flops), and no (B, R, 9C) tensor. Zero padding contributes nothing, so only the input's
-    own positions enter the border terms.
+    own positions enter the border terms. Scratch besides ``out``: the shifted Grams (13 C^2 for 3x3), the
+    nonzero border terms (about as many) and one padded copy of ``x``.
     """
     (kh, kw) = pair(kernel_size)
     b, c, h, w = x.shape
@@ -92,6 +94,7 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation) -> torc
     hp, wp = xp.shape[-2:]
     n = b * hp * wp
     u = xp.transpose(0, 1).reshape(c, n)
+    del xp
     (dh, dw) = pair(dilation)
     taps = [(i, j) for i in range(kh) for j in range(kw)]
     deltas = sorted({(i2 - i1, j2 - j1) for t1, (i1, j1) in enumerate(taps) for (i2, j2) in taps[t1:]})
@@ -99,21 +102,20 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation) -> torc
     ext = F.pad(u, (0, max(offs)))  # positions past the end are zeros
     full = torch.stack([u @ ext[:, o:o + n].T for o in offs])  # (n_delta, C, C)
     real_h, real_w = range(mh, mh + h), range(mw, mw + w)
-
-    def excluded(real: range, start: int, out_len: int) -> list:
-        """The input's own rows (or columns) outside a tap's window [start, start + out_len)."""
-        return [q for q in real if not start <= q < start + out_len]
-
+    index = {dd: k for k, dd in enumerate(deltas)}
+    pairs = [(t1, t2, index[(taps[t2][0] - taps[t1][0], taps[t2][1] - taps[t1][1])])
+             for t1 in range(len(taps)) for t2 in range(t1, len(taps))]
     ext_t = None
 
-    def strip_gram(rows, cols, wanted) -> dict:
-        """``{k: sum u_q u_{q+delta_k}^T}`` over q in (every example) x rows x cols, for the deltas k in
-        ``wanted`` whose partner positions can be inside the input (the others are zero)."""
+    def strip_gram(rows, cols, taps_here) -> dict:
+        """``{k: sum u_q u_{q+delta_k}^T}`` over q in (every example) x rows x cols, for the deltas that pair a
+        tap in ``taps_here`` with a later one and whose partner positions can be inside the input."""
         nonlocal ext_t
-        ks = [k for k in wanted
-              if any(r + dh * deltas[k][0] in real_h for r in rows) and any(c_ + dw * deltas[k][1] in real_w
-                                                                              for c_ in cols)]
-        if not ks:
+        wanted = {k for t1, _, k in pairs if taps[t1] in taps_here}
+        ks = sorted(k for k in wanted
+                    if any(r + dh * deltas[k][0] in real_h for r in rows)
+                    and any(q + dw * deltas[k][1] in real_w for q in cols))
+        if not rows or not cols or not ks:
             return {}
         if ext_t is None:
             ext_t = ext.T.contiguous()  # (N + max_off, C): gathers of whole positions
@@ -121,41 +123,31 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation) -> torc
              + torch.tensor(list(rows), device=x.device)[None, :, None] * wp
              + torch.tensor(list(cols), device=x.device)[None, None, :]).reshape(-1)
         right = ext_t[q[None, :] + torch.tensor([offs[k] for k in ks], device=x.device)[:, None]]  # (n, M, C)
-        prod = torch.matmul(ext_t[q].T, right)  # (n, C, C)
-        return dict(zip(ks, prod))
+        return dict(zip(ks, torch.matmul(ext_t[q].T, right)))  # (n, C, C)
 
-    index = {dd: k for k, dd in enumerate(deltas)}
-    pairs = [(t1, t2, index[(taps[t2][0] - taps[t1][0], taps[t2][1] - taps[t1][1])])
-             for t1 in range(len(taps)) for t2 in range(t1, len(taps))]
-
-    def wanted(pred) -> set:
-        return {k for t1, _, k in pairs if pred(*taps[t1])}
+    def excluded(real: range, start: int, out_len: int) -> list:
+        """The input's own rows (or columns) outside a tap's window [start, start + out_len)."""
+        return [q for q in real if not start <= q < start + out_len]
 
     ex_h = [excluded(real_h, st, oh) for st in start_h]
     ex_w = [excluded(real_w, st, ow) for st in start_w]
-    # border terms as dense (kh | kw | kh*kw, n_delta, C, C) tables, zero where a tap has no such border
-    n_d = len(deltas)
-    border = x.new_zeros(kh + kw + kh * kw + 1, n_d, c, c)  # last slot: the zero term
-    for i in range(kh):
-        if ex_h[i]:
-            for k, v in strip_gram(ex_h[i], real_w, wanted(lambda i1, j1: i1 == i)).items():
-                border[i, k] = v
-    for j in range(kw):
-        if ex_w[j]:
-            for k, v in strip_gram(real_h, ex_w[j], wanted(lambda i1, j1: j1 == j)).items():
-                border[kh + j, k] = v
-    for i in range(kh):
-        for j in range(kw):
-            if ex_h[i] and ex_w[j]:
-                for k, v in strip_gram(ex_h[i], ex_w[j], wanted(lambda i1, j1: (i1, j1) == (i, j))).items():
-                    border[kh + kw + i * kw + j, k] = v
-    t1s, t2s, ks = (torch.tensor(v, device=x.device) for v in zip(*pairs))
-    i1s, j1s = t1s // kw, t1s % kw
-    upper = full[ks] - border[i1s, ks] - border[kh + j1s, ks] + border[kh + kw + t1s, ks]  # (pairs, C, C)
-    blocks = x.new_empty(len(taps), len(taps), c, c)
-    blocks[t2s, t1s] = upper.transpose(1, 2)
-    blocks[t1s, t2s] = upper
-    return blocks.permute(2, 0, 3, 1).reshape(c * len(taps), c * len(taps))  # unfold order: (c, tap)
+    row_terms = {i: strip_gram(ex_h[i], real_w, [t for t in taps if t[0] == i]) for i in range(kh)}
+    col_terms = {j: strip_gram(real_h, ex_w[j], [t for t in taps if t[1] == j]) for j in range(kw)}
+    corners = {t: strip_gram(ex_h[t[0]], ex_w[t[1]], [t]) for t in taps}
+    blocks = out.view(c, len(taps), c, len(taps))  # out[c1 * K + t1, c2 * K + t2] = block (t1, t2)[c1, c2]
+    blk = x.new_empty(c, c)
+    for t1, t2, k in pairs:
+        i1, j1 = taps[t1]
+        blk.copy_(full[k])
+        for term in (row_terms[i1].get(k), col_terms[j1].get(k)):
+            if term is not None:
+                blk.sub_(term)
+        corner = corners[taps[t1]].get(k)
+        if corner is not None:
+            blk.add_(corner)
+        blocks[:, t1, :, t2] = blk
+        if t2 != t1:
+            blocks[:, t2, :, t1] = blk.T
 
 
 # Below these sizes the border terms and Python overhead of the shifted Gram cost more than the GEMM of unfolded
@@ -177,21 +169,22 @@ def conv_covariance_torch(x: torch.Tensor, kernel_size: IntPair, stride: IntPair
     check_out(out, (d + int(append_one),) * 2, x.device)
     xa = x.to(acc_dtype(x))
     oh, ow = conv_output_size(tuple(x.shape[-2:]), kernel_size, stride, padding, dilation)
+    if min(oh, ow) < 1:
+        raise ValueError(f"a {tuple(x.shape[-2:])} input gives no output positions for kernel {pair(kernel_size)}, "
+                         f"padding {pair(padding)}, dilation {pair(dilation)}")
     if reduce:
         means = _patch_sums(xa, kernel_size, stride, padding, dilation, per_example=True) / (oh * ow)
         return linear_covariance_reference(means, append_one=append_one, out=out)
     if (pair(stride) != (1, 1) or x.shape[1] < SHIFTED_GRAM_MIN_CHANNELS or oh * ow < SHIFTED_GRAM_MIN_POSITIONS
             or x.shape[0] == 0):
         return conv_covariance_reference(x, kernel_size, stride, padding, dilation, append_one=append_one, out=out)
-    gram = _shifted_patch_gram(xa, kernel_size, padding, dilation)
+    gram = xa.new_empty(d + int(append_one), d + int(append_one))
+    _shifted_patch_gram(xa, kernel_size, padding, dilation, gram[:d, :d])
     if append_one:
         sums = _patch_sums(xa, kernel_size, 1, padding, dilation, per_example=False)
-        full = gram.new_empty(d + 1, d + 1)
-        full[:d, :d] = gram
-        full[:d, d] = sums
-        full[d, :d] = sums
-        full[d, d] = x.shape[0] * oh * ow
-        gram = full
+        gram[:d, d] = sums
+        gram[d, :d] = sums
+        gram[d, d] = x.shape[0] * oh * ow
     return accumulate(out, gram)
 
 

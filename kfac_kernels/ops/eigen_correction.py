@@ -17,7 +17,7 @@ import torch
 from ..dispatch import register
 from ._checks import acc_dtype, accumulate, check_out, check_tensor
 from .im2col import as_rows
-from .per_example import check_ag, chunk_size_for, per_example_gradients, rotate_inputs
+from .per_example import check_ag, chunk_size_for, per_example_gradient_parts, rotate_inputs
 
 
 def _check_bases(a, g, q_a, q_g, append_one):
@@ -53,8 +53,12 @@ def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, 
             yield torch.einsum("bro,bri->boi", g_rot[s:s + step], a_rot[s:s + step])
     else:
         for s in range(0, b, step):
-            raw = per_example_gradients(a[s:s + step].to(dt), g[s:s + step].to(dt), append_one=append_one)
-            yield qg.T @ raw @ qa
+            weight, bias = per_example_gradient_parts(a[s:s + step].to(dt), g[s:s + step].to(dt),
+                                                      append_one=append_one)
+            right = weight @ qa[:weight.shape[-1]]  # [W, b] Q_A with the bias row added in place, no concatenation
+            if bias is not None:
+                right.addcmul_(bias.unsqueeze(-1), qa[-1])
+            yield qg.T @ right
 
 
 @register("eigenvalue_correction", "torch")

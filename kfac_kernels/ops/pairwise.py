@@ -13,7 +13,7 @@ import torch
 from ..dispatch import register
 from ._checks import acc_dtype, accumulate, check_out, check_tensor
 from .im2col import as_rows
-from .per_example import check_ag, chunk_size_for, per_example_gradients
+from .per_example import check_ag, chunk_size_for, per_example_gradient_parts
 
 
 class Int8Queries(NamedTuple):
@@ -68,10 +68,14 @@ def pairwise_scores_reference(a: torch.Tensor, g: torch.Tensor, queries, *, appe
     per_ex = p.shape[1] * p.shape[2] * p.element_size()
     step = chunk_size or chunk_size_for(b, per_ex)
     scores = torch.empty(nq, b, dtype=dt, device=a.device)
-    flat_p = p.reshape(nq, -1)
+    d_in = a.shape[-1]
+    p_weight = p[:, :, :d_in].reshape(nq, -1)
     for s in range(0, b, step):
-        grads = per_example_gradients(a[s:s + step], g[s:s + step], append_one=append_one)
-        scores[:, s:s + step] = flat_p @ grads.reshape(grads.shape[0], -1).T
+        weight, bias = per_example_gradient_parts(a[s:s + step], g[s:s + step], append_one=append_one)
+        block = p_weight @ weight.reshape(weight.shape[0], -1).T
+        if bias is not None:
+            block.addmm_(p[:, :, d_in], bias.T)
+        scores[:, s:s + step] = block
     return accumulate(out, scores)
 
 

@@ -26,14 +26,23 @@ def per_example_gradients(a, g: torch.Tensor, *, append_one: bool = False) -> to
     For ``ConvPatches`` the weight part is one convolution weight-gradient with the examples as groups, which
     reads the NCHW input directly (no im2col); 1.3-4.5x faster than unfold + einsum at the UNet layer shapes on
     a CPU (bench/RESULTS.md)."""
+    weight, bias = per_example_gradient_parts(a, g, append_one=append_one)
+    return weight if bias is None else torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
+
+
+def per_example_gradient_parts(a, g: torch.Tensor, *, append_one: bool = False):
+    """``per_example_gradients`` as ``(weight (B, D_out, D_in), bias (B, D_out) or None)``: callers that contract
+    the two parts separately never copy them into one tensor."""
     check_ag(a, g)
-    if isinstance(a, ConvPatches):
-        grads = _conv_per_example_gradients(a, g)
+    # On CUDA the patches are unfolded: cuDNN's grouped weight-gradient is untested here and may be
+    # nondeterministic (the fused Triton ops never call this).
+    if isinstance(a, ConvPatches) and not a.x.is_cuda:
+        weight = _conv_per_example_gradients(a, g)
+    elif isinstance(a, ConvPatches):
+        weight = torch.einsum("bro,bri->boi", g, a.rows())
     else:
-        grads = torch.einsum("bro,bri->boi", g, a)
-    if append_one:
-        grads = torch.cat([grads, g.sum(dim=1).unsqueeze(-1)], dim=-1)
-    return grads
+        weight = torch.einsum("bro,bri->boi", g, a)
+    return weight, (g.sum(dim=1) if append_one else None)
 
 
 def _conv_per_example_gradients(p: ConvPatches, g: torch.Tensor) -> torch.Tensor:

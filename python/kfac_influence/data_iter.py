@@ -1,7 +1,7 @@
 """Batching of user data: a tensor (N, ...), a tuple/list of tensors sharing N, or a map-style Dataset."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -28,14 +28,18 @@ def get_batch(data: Any, idx: torch.Tensor):
     return default_collate([data[int(i)] for i in idx])
 
 
-def iter_batches(data: Any, batch_size: int, start: int = 0) -> Iterator[Tuple[int, torch.Tensor, Any]]:
-    """Yield ``(batch_number, indices, batch)`` over consecutive examples, from batch number ``start`` on."""
+def iter_batches(data: Any, batch_size: int, start: int = 0,
+                 stop: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor, Any]]:
+    """Yield ``(batch_number, indices, batch)`` over consecutive examples, batch numbers ``start`` to ``stop``
+    (default: the last); batches outside are never read."""
     n = num_examples(data)
     if n == 0:
         raise ValueError("the data set is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for b, s in enumerate(range(0, n, batch_size)):
+        if stop is not None and b >= stop:
+            break
         if b < start:
             continue
         idx = torch.arange(s, min(n, s + batch_size))

@@ -5,6 +5,7 @@
     kd.init_from_env()                                   # gloo on CPU, NCCL (one GPU per local rank) on CUDA
     curv = kd.fit_curvature(model, task, data, cfg, batch_size=64, checkpoint_dir="ckpt")   # same on every rank
     scores = kd.pairwise_scores(model, task, curv, queries, data, batch_size=64)            # (Q, N) on every rank
+    self_inf = kd.self_scores(model, task, curv, data, batch_size=64)                       # (N,) on every rank
 
 Sharding. The engine groups examples into ``max(1, batch_size // M)`` per group (M draws per example); the
 groups are numbered globally and each rank takes one contiguous range of them (``shard_groups``). Draws are
@@ -18,7 +19,7 @@ are all-reduced and normalised. The result equals ``fit_curvature`` on one proce
 
 Scoring. Every rank computes all preconditioned query gradients (queries are few), scores its range of training
 groups into its columns of a zero ``(Q, N)`` matrix, and the matrices are all-reduced (a gather: the column sets
-are disjoint).
+are disjoint). Self-scores: each rank scores its range of groups into a zero ``(N,)`` vector; same gather.
 
 Resume. ``checkpoint_dir`` holds one folder per rank, ``rank{r}-of-{W}``, with that rank's own partial sums (never
 the reduced ones) and its stage; a job restarted with the same world size, data, batch size and config resumes
@@ -44,11 +45,13 @@ from .curvature.fit import input_covariance, output_covariance
 from .data_iter import num_examples
 from .engine import (Checkpointer, forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar,
                      seeded_rng, total_groups, use_model_mode)
+from .scoring import pairwise as _single
 from .scoring.pairwise import preconditioned_query_gradients
 from .storage import load_tensors, model_fingerprint, save_tensors
 from .tasks.base import Task
 
-__all__ = ["init_from_env", "world", "shard_groups", "fit_curvature", "pairwise_scores", "FIT_STATE", "SCORE_STATE"]
+__all__ = ["init_from_env", "world", "shard_groups", "fit_curvature", "pairwise_scores", "self_scores", "FIT_STATE",
+           "SCORE_STATE"]
 
 FIT_STATE = "dist_fit_state.safetensors"
 SCORE_STATE = "dist_score_state.safetensors"
@@ -159,9 +162,7 @@ def _shard_pass(model, task, capture, data, groups: range, *, purpose, num_draws
     bar = progress_bar(len(groups), desc, progress, initial=start)
     if groups.start + start < groups.stop:
         for g, idx, chunks in iter_groups(task, data, purpose, num_draws=num_draws, seed=seed,
-                                          batch_size=batch_size, start=groups.start + start):
-            if g >= groups.stop:
-                break
+                                          batch_size=batch_size, start=groups.start + start, stop=groups.stop):
             for c, rows in enumerate(chunks):
                 rows = rows.to(device, dtype)
                 with seeded_rng(seed, g, c, device):
@@ -351,5 +352,19 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     if ckpt is not None:
         save(len(groups))
     out = scores.clone()
+    _all_reduce([out], group)
+    return out
+
+
+def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, *, batch_size: int = 32,
+                progress: bool = True, model_mode: str = "eval", check_values: bool = True,
+                group=None) -> torch.Tensor:
+    """``kfac_influence.self_scores`` with the training set sharded over the ranks of ``group``; returns the full
+    ``(N,)`` self-influence on every rank. Each rank scores its range of example groups (one pass, no checkpoint,
+    like the single-process function) and the disjoint entries are gathered by an all-reduce."""
+    rank, size = world(group)
+    shard = shard_groups(total_groups(train, batch_size, task.num_draws("train")), size, rank)
+    out = _single.self_scores(model, task, curvature, train, batch_size=batch_size, progress=progress and rank == 0,
+                              model_mode=model_mode, check_values=check_values, groups=shard)
     _all_reduce([out], group)
     return out

@@ -55,9 +55,9 @@ def group_size(batch_size: int, num_draws: int) -> int:
 
 
 def iter_groups(task: Task, data: Any, purpose: str, *, num_draws: int, seed: int, batch_size: int,
-                start: int = 0) -> Iterator[Tuple[int, torch.Tensor, List[Rows]]]:
-    """Yield ``(group_number, example_indices, row_chunks)`` from group ``start`` on."""
-    for g, idx, batch in iter_batches(data, group_size(batch_size, num_draws), start):
+                start: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor, List[Rows]]]:
+    """Yield ``(group_number, example_indices, row_chunks)`` for groups ``start`` to ``stop`` (default: all)."""
+    for g, idx, batch in iter_batches(data, group_size(batch_size, num_draws), start, stop):
         rows = task.rows(batch, idx, purpose, num_draws=num_draws, seed=seed)
         yield g, idx, [rows.slice(s, s + batch_size) for s in range(0, len(rows), batch_size)]
 
@@ -106,18 +106,21 @@ def checked(name: str, value: torch.Tensor, calls) -> torch.Tensor:
 def gradient_chunks(model: nn.Module, task: Task, capture: LayerCapture, data: Any, purpose: str, *,
                     num_draws: int, seed: int, batch_size: int, progress: bool = False, model_mode: str = "eval",
                     output: Optional[Callable[[torch.Tensor, Rows], torch.Tensor]] = None, start: int = 0,
-                    desc: Optional[str] = None, after_group: Optional[Callable[[int], None]] = None):
+                    stop: Optional[int] = None, desc: Optional[str] = None,
+                    after_group: Optional[Callable[[int], None]] = None):
     """One pass of per-example gradients: yield ``(group, group_indices, rows, {layer: [(input, grad_output)]})``
     per chunk, where the output gradients are those of ``sum_rows weight * output(f, rows)`` (default: the
-    measurement for queries, the training loss otherwise). ``after_group(groups_done)`` runs after each group."""
+    measurement for queries, the training loss otherwise), over groups ``start`` to ``stop`` (default: the
+    last). ``after_group(groups_done)`` runs after each group."""
     device, mdtype = model_device_dtype(model)
     if output is None:
         output = task.measurement if purpose == "query" else task.train_loss
-    bar = progress_bar(total_groups(data, batch_size, num_draws), desc or f"{purpose} gradients", progress,
-                       initial=start)
+    total = total_groups(data, batch_size, num_draws)
+    stop = total if stop is None else min(int(stop), total)
+    bar = progress_bar(stop, desc or f"{purpose} gradients", progress, initial=start)
     with use_model_mode(model, model_mode):
         for g, idx, chunks in iter_groups(task, data, purpose, num_draws=num_draws, seed=seed,
-                                          batch_size=batch_size, start=start):
+                                          batch_size=batch_size, start=start, stop=stop):
             for c, rows in enumerate(chunks):
                 rows = rows.to(device, mdtype)
                 with seeded_rng(seed, g, c, device):

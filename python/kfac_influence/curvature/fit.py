@@ -162,20 +162,23 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
     with use_model_mode(model, model_mode):
         if state.stage == "factors":
             run_pass("factors", factors_chunk)
-        # Only eigenvalues (float64) and eigenvectors in the stored dtype outlive this loop: no float64 copies of
-        # A, G or the bases sit beside the eigenvalue pass (docs/memory.md).
-        eig = {}
+        # Only eigenvalues (float64), eigenvectors in the stored dtype and the eigenvalue pass's bases (rounded
+        # from float64 to the model dtype; the same tensors when the dtypes agree) outlive this loop: no float64
+        # copies of A, G or the bases sit beside the eigenvalue pass (docs/memory.md).
+        eig, bases = {}, {}
         for nm in specs:
             sA, QA = _eig(mean_factor(state, nm, "A"))
             sG, QG = _eig(mean_factor(state, nm, "G"))
             eig[nm] = (sA, QA.to(config.dtype), sG, QG.to(config.dtype))
+            if config.method == "ekfac":
+                bases[nm] = tuple(stored if stored.dtype == dtype else q.to(dtype)
+                                  for q, stored in ((QA, eig[nm][1]), (QG, eig[nm][3])))
             del QA, QG
         if config.method == "ekfac":
             if state.stage == "factors":
                 state.start_eigen(specs, device)
                 if ckpt:
                     state.save(ckpt, header)
-            bases = {nm: (eig[nm][1].to(dtype), eig[nm][3].to(dtype)) for nm in specs}
 
             def eigen_chunk(rows, f):
                 for grads in vectors_and_grads(rows, f):

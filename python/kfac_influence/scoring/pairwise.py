@@ -99,11 +99,14 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
 
 
 def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, *, batch_size: int = 32,
-                progress: bool = True, model_mode: str = "eval", check_values: bool = True) -> torch.Tensor:
+                progress: bool = True, model_mode: str = "eval", check_values: bool = True,
+                groups: Optional[range] = None) -> torch.Tensor:
     """Self-influence ``(N,)``: grad l(x_n)^T (G_hat + lambda I)^-1 grad l(x_n) with the measurement = train loss.
 
     When all of an example group's draws fit in one chunk the fused ``eigenbasis_self_scores`` op is used;
-    otherwise the group's per-example gradients are accumulated over chunks, then rotated.
+    otherwise the group's per-example gradients are accumulated over chunks, then rotated. ``groups``: score
+    only this range of example groups (``max(1, batch_size // M)`` examples each; the others stay 0), as
+    ``kfac_influence.distributed.self_scores`` does for a rank's shard.
     """
     modules = curvature.check_model(model, check_values=check_values)
     device, mdtype = model_device_dtype(model)
@@ -143,8 +146,9 @@ def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, 
         if not whole and int(rows.example[-1]) == int(idx[-1]) and int(rows.draw[-1]) == m - 1:
             flush(idx.to(device))
 
+    span = groups if groups is not None else range(0, total_groups(train, batch_size, m))
     for g, idx, rows, grads in gradient_chunks(model, task, capture, train, "train", num_draws=m, seed=task.seed,
                                                batch_size=batch_size, progress=progress, model_mode=model_mode,
-                                               desc="self scores"):
+                                               desc="self scores", start=span.start, stop=span.stop):
         on_chunk(g, idx, rows, grads)
     return out
