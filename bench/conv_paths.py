@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} thread(s), medians of {a.repeats}, at most {a.batch_cap} "
           f"examples per call, {a.queries} queries\n")
-    print("| layer | B | unfolded MB | op | unfolded ms | no-im2col ms | speed-up |")
+    print("| layer | B | unfolded MB | op | unfolded ms | ConvPatches ms | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for layer in [s for s in DIGITS + PEERS + CIFAR if s["kind"] == "conv"]:
         x, patches, g, qa, qg, p = rows_for(layer, a.batch_cap, a.queries)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kfac_kernels as kk
-from kfac_kernels.ops import covariance as cov
+from kfac_kernels.ops import covariance as cov, per_example
 from kfac_kernels.ops.im2col import ConvPatches, as_rows, pair
 
 import bruteforce as bf
@@ -112,11 +112,13 @@ def loop_per_example(x, g, k, s, p, d):
 
 
 @pytest.mark.parametrize("conv", CONVS)
-def test_per_example_gradients_from_conv_patches(conv):
+@pytest.mark.parametrize("d_out, grouped", [(3, True), (5, False)])  # C_in = 4: grouped conv only if d_out <= 4
+def test_per_example_gradients_from_conv_patches(conv, d_out, grouped):
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(3, 4, 7, 6, dtype=F64, generator=gen)
     patches = ConvPatches(x, *conv)
-    g = torch.randn(3, patches.shape[1], 5, dtype=F64, generator=gen)
+    assert per_example.grouped_conv_wins(patches, d_out) == grouped
+    g = torch.randn(3, patches.shape[1], d_out, dtype=F64, generator=gen)
     ref = loop_per_example(x, g, *conv)
     torch.testing.assert_close(kk.per_example_gradients(patches, g, append_one=True), ref, rtol=1e-12, atol=1e-12)
     # float32: no worse than the unfolded einsum in float32

@@ -23,9 +23,8 @@ def check_ag(a, g: torch.Tensor) -> None:
 def per_example_gradients(a, g: torch.Tensor, *, append_one: bool = False) -> torch.Tensor:
     """``a: (B, R, D_in)`` or ``ConvPatches``, ``g: (B, R, D_out)`` -> ``(B, D_out, D_in + append_one)``.
 
-    For ``ConvPatches`` the weight part is one convolution weight-gradient with the examples as groups, which
-    reads the NCHW input directly (no im2col); 1.3-4.5x faster than unfold + einsum at the UNet layer shapes on
-    a CPU (bench/RESULTS.md)."""
+    For ``ConvPatches`` on a CPU the weight part is one convolution weight-gradient with the examples as groups,
+    which reads the NCHW input directly (no im2col), where that is faster (``grouped_conv_wins``)."""
     weight, bias = per_example_gradient_parts(a, g, append_one=append_one)
     return weight if bias is None else torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
 
@@ -36,13 +35,22 @@ def per_example_gradient_parts(a, g: torch.Tensor, *, append_one: bool = False):
     check_ag(a, g)
     # On CUDA the patches are unfolded: cuDNN's grouped weight-gradient is untested here and may be
     # nondeterministic (the fused Triton ops never call this).
-    if isinstance(a, ConvPatches) and not a.x.is_cuda:
+    if isinstance(a, ConvPatches) and not a.x.is_cuda and grouped_conv_wins(a, g.shape[-1]):
         weight = _conv_per_example_gradients(a, g)
     elif isinstance(a, ConvPatches):
         weight = torch.einsum("bro,bri->boi", g, a.rows())
     else:
         weight = torch.einsum("bro,bri->boi", g, a)
     return weight, (g.sum(dim=1) if append_one else None)
+
+
+def grouped_conv_wins(p: ConvPatches, d_out: int) -> bool:
+    """Whether the grouped-convolution weight-gradient beats unfold + einsum on a CPU for these per-example
+    gradients. Measured (bench/RESULTS.md, 1 thread, B = 16-32): 1.03-4.5x faster for C_in >= C_out up to 160
+    channels and for >= 1024 output positions; 0.3-0.8x for wider layers on few positions (256 channels at
+    8x8 or 4x4) and for C_out > C_in (oneDNN's grouped kernel, not the arithmetic)."""
+    c_in = p.x.shape[1]
+    return (d_out <= c_in <= 160) or p.shape[1] >= 1024
 
 
 def _conv_per_example_gradients(p: ConvPatches, g: torch.Tensor) -> torch.Tensor:
