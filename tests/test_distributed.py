@@ -64,7 +64,10 @@ def worker(out: str, ckpt: str) -> None:
                         "scores": kd.pairwise_scores(model, task, curv, q, x, batch_size=BATCH, progress=False),
                         # batch 1 < M draws: a group's draws span chunks (the accumulate-then-rotate path)
                         "self": [kd.self_scores(model, task, curv, x, batch_size=b, progress=False)
-                                 for b in (BATCH, 1)]}
+                                 for b in (BATCH, 1)],
+                        # queries sharded instead of training data: 2 query groups at BATCH; 1 at 8 (rank 1 empty)
+                        "query_shard": [kd.pairwise_scores(model, task, curv, q, x, batch_size=b, progress=False,
+                                                           shard="queries") for b in (BATCH, 8)]}
 
     run = dict(batch_size=BATCH, progress=False, checkpoint_dir=ckpt, checkpoint_every=1)
     try:  # both ranks die in pass 1 after their first group (checkpointed), before the reduction
@@ -99,7 +102,8 @@ def single_process():
     model, task, x, q, cfg = setup()
     curv = fit_curvature(model, task, x, cfg, batch_size=BATCH, progress=False)
     selfs = [self_scores(model, task, curv, x, batch_size=b, progress=False) for b in (BATCH, 1)]
-    return curv, pairwise_scores(model, task, curv, q, x, batch_size=BATCH, progress=False), selfs
+    by_batch = [pairwise_scores(model, task, curv, q, x, batch_size=b, progress=False) for b in (BATCH, 8)]
+    return curv, by_batch[0], selfs, by_batch
 
 
 def check_same(result, curv, scores):
@@ -117,7 +121,7 @@ def check_same(result, curv, scores):
 
 
 def test_two_gloo_ranks_match_one_process_and_resume(tmp_path):
-    curv, scores, selfs = single_process()
+    curv, scores, selfs, by_batch = single_process()
     assert scores.shape == (3, N) and scores.abs().min() > 0
     ckpt = tmp_path / "ckpt"
     torchrun(tmp_path / "out.pt", ckpt)
@@ -128,6 +132,8 @@ def test_two_gloo_ranks_match_one_process_and_resume(tmp_path):
     for got, want in zip(out["plain"]["self"], selfs):  # every example scored by exactly one rank
         assert want.shape == (N,) and want.min() > 0
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-14)
+    for got, want in zip(out["plain"]["query_shard"], by_batch):  # each query's row from exactly one rank
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_shard_groups_cover_in_order():

@@ -19,7 +19,9 @@ are all-reduced and normalised. The result equals ``fit_curvature`` on one proce
 
 Scoring. Every rank computes all preconditioned query gradients (queries are few), scores its range of training
 groups into its columns of a zero ``(Q, N)`` matrix, and the matrices are all-reduced (a gather: the column sets
-are disjoint). Self-scores: each rank scores its range of groups into a zero ``(N,)`` vector; same gather.
+are disjoint). With ``shard="queries"`` each rank instead holds only its range of query groups' gradients (for
+many queries on a big model, where ``Q * W`` dominates memory), scores them against all training data and
+contributes its rows. Self-scores: each rank scores its range of groups into a zero ``(N,)`` vector; same gather.
 
 Resume. ``checkpoint_dir`` holds one folder per rank, ``rank{r}-of-{W}``, with that rank's own partial sums (never
 the reduced ones) and its stage; a job restarted with the same world size, data, batch size and config resumes
@@ -43,8 +45,8 @@ from .curvature.config import CurvatureConfig
 from .curvature.curvature import Curvature, tracked_parameters
 from .curvature.fit import input_covariance, output_covariance
 from .data_iter import num_examples
-from .engine import (Checkpointer, forward_capture, iter_groups, layer_gradients, model_device_dtype, progress_bar,
-                     seeded_rng, total_groups, use_model_mode)
+from .engine import (Checkpointer, forward_capture, group_size, iter_groups, layer_gradients, model_device_dtype,
+                     progress_bar, seeded_rng, total_groups, use_model_mode)
 from .scoring import pairwise as _single
 from .scoring.pairwise import preconditioned_query_gradients
 from .storage import load_tensors, model_fingerprint, save_tensors
@@ -288,31 +290,50 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                     batch_size: int = 32, progress: bool = True, model_mode: str = "eval",
                     checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: Optional[int] = None,
                     check_values: bool = True, int8_queries: bool = False,
-                    preconditioned: Optional[Dict[str, torch.Tensor]] = None, group=None) -> torch.Tensor:
-    """``kfac_influence.pairwise_scores`` with the training set sharded over the ranks of ``group``; returns the
-    full ``(Q, N)`` scores on every rank (float32, or float64 for float64 models).
+                    preconditioned: Optional[Dict[str, torch.Tensor]] = None, group=None,
+                    shard: str = "train") -> torch.Tensor:
+    """``kfac_influence.pairwise_scores`` across the ranks of ``group``; returns the full ``(Q, N)`` scores on
+    every rank (float32, or float64 for float64 models).
 
-    Every rank computes the preconditioned query gradients itself (or takes ``preconditioned``), scores its
-    range of training groups, and the column blocks are gathered by an all-reduce of disjoint columns.
-    ``checkpoint_dir`` gets one sub-folder per rank with that rank's columns and progress.
+    ``shard="train"``: every rank computes all preconditioned query gradients (or takes ``preconditioned``),
+    scores its range of training groups, and the column blocks are gathered by an all-reduce of disjoint columns.
+    ``shard="queries"``: every rank computes only its range of query groups' gradients (a ``1/world`` share of
+    the ``Q * W`` query memory, which dominates for many queries on a big model) and scores them against the
+    whole training set (each rank reads all of it); the row blocks are gathered the same way. Draws are those of
+    one process either way. ``checkpoint_dir`` gets one sub-folder per rank with that rank's block and progress.
     """
+    if shard not in ("train", "queries"):
+        raise ValueError(f"shard must be 'train' or 'queries', got {shard!r}")
     rank, size = world(group)
     modules = curvature.check_model(model, check_values=check_values)
     device, mdtype = model_device_dtype(model)
-    pre = preconditioned if preconditioned is not None else preconditioned_query_gradients(
-        model, task, curvature, queries, batch_size=batch_size, progress=progress and rank == 0,
-        model_mode=model_mode, check_values=False)
-    pre = {k: (kk.quantize_int8(v) if int8_queries else v.to(device=device, dtype=mdtype)) for k, v in pre.items()}
-    first = next(iter(pre.values()))
-    nq = (first.q if int8_queries else first).shape[0]
     n = num_examples(train)
     m = task.num_draws("train")
-    groups = shard_groups(total_groups(train, batch_size, m), size, rank)
+    nq_total = num_examples(queries)
+    if shard == "queries":
+        qgroups = shard_groups(total_groups(queries, batch_size, task.num_draws("query")), size, rank)
+        qsize = group_size(batch_size, task.num_draws("query"))
+        q_rows = range(min(nq_total, qgroups.start * qsize), min(nq_total, qgroups.stop * qsize))
+        groups = range(0, total_groups(train, batch_size, m))
+    else:
+        qgroups, q_rows = None, range(0, nq_total)
+        groups = shard_groups(total_groups(train, batch_size, m), size, rank)
+    if preconditioned is not None:
+        pre = {k: v[q_rows.start:q_rows.stop] for k, v in preconditioned.items()}
+    else:
+        pre = preconditioned_query_gradients(model, task, curvature, queries, batch_size=batch_size,
+                                             progress=progress and rank == 0, model_mode=model_mode,
+                                             check_values=False, groups=qgroups)
+    pre = {k: (kk.quantize_int8(v) if int8_queries else v.to(device=device, dtype=mdtype)) for k, v in pre.items()}
+    nq = len(q_rows)
+    if nq == 0:  # more ranks than query groups: nothing to score here, but join the gather below
+        groups = range(groups.start, groups.start)
     acc = torch.float64 if mdtype == torch.float64 else torch.float32
     scores = torch.zeros(nq, n, dtype=acc, device=device)
     header = {"kind": "dist_score_state", "num_queries": nq, "num_examples": n, "batch_size": int(batch_size),
               "num_draws": m, "fingerprint": curvature.fingerprint, "seed": task.seed, "rank": rank,
-              "world_size": size, "groups": [groups.start, groups.stop], "int8_queries": bool(int8_queries)}
+              "world_size": size, "groups": [groups.start, groups.stop], "int8_queries": bool(int8_queries),
+              "shard": shard, "query_rows": [q_rows.start, q_rows.stop]}
     folder = _rank_dir(checkpoint_dir, rank, size)
     ckpt = folder / SCORE_STATE if folder is not None else None
     progress_state = {"done": 0}
@@ -351,7 +372,8 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                     done_callback=set_done)
     if ckpt is not None:
         save(len(groups))
-    out = scores.clone()
+    out = torch.zeros(nq_total, n, dtype=acc, device=device)
+    out[q_rows.start:q_rows.stop] = scores
     _all_reduce([out], group)
     return out
 

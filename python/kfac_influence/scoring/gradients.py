@@ -11,28 +11,36 @@ import kfac_kernels as kk
 
 from ..capture import LayerCapture, calls_as_rows
 from ..data_iter import num_examples
-from ..engine import checked, gradient_chunks, model_device_dtype
+from ..engine import checked, gradient_chunks, group_size, model_device_dtype, total_groups
 from ..tasks.base import Task
 
 
 def example_gradients(model: nn.Module, task: Task, modules: Mapping[str, nn.Module], data: Any, *,
                       purpose: str = "query", batch_size: int = 32, num_draws: Optional[int] = None,
                       seed: Optional[int] = None, progress: bool = False, model_mode: str = "eval",
-                      dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+                      dtype: Optional[torch.dtype] = None,
+                      groups: Optional[range] = None) -> Dict[str, torch.Tensor]:
     """Gradients of the per-example measurement (purpose "query") or training loss (purpose "train").
 
     Returns ``{layer: (N, d_out, d_in')}`` in ``dtype`` (default: the model's dtype) on the model's device.
+    ``groups``: only this range of example groups (``max(1, batch_size // M)`` examples each, numbered as in
+    the full pass, so the draws are the same); the result then holds just those examples, in order.
     """
     device, mdtype = model_device_dtype(model)
     dtype = dtype or mdtype
     capture = LayerCapture(dict(modules))
     m = int(num_draws or task.num_draws(purpose))
-    out = {nm: torch.zeros((num_examples(data),) + s.grad_shape, dtype=dtype, device=device)
+    n = num_examples(data)
+    span = groups if groups is not None else range(0, total_groups(data, batch_size, m))
+    size = group_size(batch_size, m)
+    first, last = min(n, span.start * size), min(n, max(span.start, span.stop) * size)
+    out = {nm: torch.zeros((last - first,) + s.grad_shape, dtype=dtype, device=device)
            for nm, s in capture.specs.items()}
     for _, _, rows, grads in gradient_chunks(model, task, capture, data, purpose, num_draws=m,
                                              seed=task.seed if seed is None else seed, batch_size=batch_size,
-                                             progress=progress, model_mode=model_mode):
-        idx = rows.example.to(device)
+                                             progress=progress, model_mode=model_mode, start=span.start,
+                                             stop=span.stop):
+        idx = rows.example.to(device) - first
         for name, calls in grads.items():
             a, gr = calls_as_rows(capture.specs[name], calls, patches=True)
             per_row = kk.per_example_gradients(a, gr, append_one=capture.specs[name].has_bias)

@@ -29,11 +29,13 @@ STATE_FILE = "score_state.safetensors"
 
 def preconditioned_query_gradients(model: nn.Module, task: Task, curvature: Curvature, queries: Any, *,
                                    batch_size: int = 32, progress: bool = False, model_mode: str = "eval",
-                                   check_values: bool = True) -> Dict[str, torch.Tensor]:
-    """``{layer: (Q, d_out, d_in')}``: (G_hat + lambda I)^-1 grad m(x_q), on the model's device."""
+                                   check_values: bool = True,
+                                   groups: Optional[range] = None) -> Dict[str, torch.Tensor]:
+    """``{layer: (Q, d_out, d_in')}``: (G_hat + lambda I)^-1 grad m(x_q), on the model's device (``groups``:
+    only those query groups, as in ``example_gradients``)."""
     modules = curvature.check_model(model, check_values=check_values)
     grads = example_gradients(model, task, modules, queries, purpose="query", batch_size=batch_size,
-                              progress=progress, model_mode=model_mode)
+                              progress=progress, model_mode=model_mode, groups=groups)
     return curvature.precondition(grads)
 
 
