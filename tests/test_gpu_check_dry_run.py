@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-
 from kernel_check import requires_triton
 
 ROOT = Path(__file__).resolve().parents[1]
