@@ -11,8 +11,10 @@ in one forward (weight sharing, sampling trajectories) contributes each call's p
 from __future__ import annotations
 
 import fnmatch
+import math
+import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -94,31 +96,91 @@ def check_finite(name: str, what: str, t: torch.Tensor) -> None:
         raise FloatingPointError(f"layer {name!r}: {what} contain NaN or inf")
 
 
-class LayerCapture:
-    """Context manager recording, for each tracked module and each call in one forward, its (input, output).
+class _Output:
+    """What a capture keeps of a layer output: shape and dtype, and a weak reference for diagnostics (holding
+    the tensor would keep every layer's output alive until the backward pass)."""
 
-    Inputs are stored detached (padded first for non-zero padding modes); outputs keep their graph so that
-    ``torch.autograd.grad(f, capture.outputs(), v)`` gives the output gradients without computing any weight
-    gradient.
+    __slots__ = ("shape", "dtype", "ref")
+
+    def __init__(self, t: torch.Tensor):
+        self.shape, self.dtype, self.ref = t.shape, t.dtype, weakref.ref(t)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def tensor(self) -> Optional[torch.Tensor]:
+        return self.ref()
+
+
+class _Stream:
+    """One backward pass: output gradients arriving in tensor hooks, handed on a layer at a time once all of the
+    layer's calls have theirs."""
+
+    def __init__(self, records, on_layer):
+        self.records, self.on_layer, self.pending, self.done = records, on_layer, {}, set()
+
+    def arrive(self, name: str, i: int, grad: torch.Tensor) -> None:
+        got = self.pending.setdefault(name, {})
+        got[i] = grad
+        if len(got) == len(self.records[name]):
+            self.finish(name)
+
+    def finish(self, name: str) -> None:
+        got = self.pending.pop(name, {})
+        calls = [(x, got[i] if i in got else torch.zeros(out.shape, dtype=out.dtype, device=x.device))
+                 for x, out, i in self.records[name]]
+        self.done.add(name)
+        self.on_layer(name, calls)
+
+
+class LayerCapture:
+    """Context manager recording, for each tracked module and each call in one forward, its input, and making
+    its output gradient available a layer at a time during the backward pass.
+
+    Inputs are stored detached (padded first for non-zero padding modes). Each output ``y`` is returned as
+    ``y + z`` with ``z`` a zero scalar leaf, and carries a tensor hook: backpropagating to the leaves
+    (``gradients``) visits every tracked output, computes no weight gradient, and hands each layer's
+    ``(input, grad_output)`` calls to a callback as soon as they exist, so no output and no output gradient has
+    to outlive its layer's processing. The hook sits on the node of ``y + z``, so a later in-place change of
+    the output does not change the gradient it sees.
     """
 
     def __init__(self, modules: Dict[str, nn.Module]):
         self.modules = modules
         self.specs = {n: layer_spec(n, m) for n, m in modules.items()}
-        self.records: Dict[str, List[Tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self.records: Dict[str, List[Tuple[torch.Tensor, _Output, int]]] = {}
+        self._leaves: List[torch.Tensor] = []
+        self._stream: Optional[_Stream] = None
         self._handles = []
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
+            if not output.requires_grad:
+                return None
             x = inputs[0]
             if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
                 x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            if output.requires_grad:
-                self.records.setdefault(name, []).append((x.detach(), output, output._version))
+            calls = self.records.setdefault(name, [])
+            i = len(calls)
+            z = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            y = output + z
+            y.register_hook(self._grad_hook(name, i))
+            calls.append((x.detach(), _Output(y), i))
+            self._leaves.append(z)
+            return y
+        return hook
+
+    def _grad_hook(self, name: str, i: int):
+        def hook(grad):
+            if self._stream is not None:
+                self._stream.arrive(name, i, grad)
         return hook
 
     def __enter__(self) -> "LayerCapture":
-        self.records = {}
+        self.reset()
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
         return self
 
@@ -129,30 +191,24 @@ class LayerCapture:
 
     def reset(self) -> None:
         self.records = {}
+        self._leaves = []
 
-    def outputs(self) -> Tuple[List[Tuple[str, int]], List[torch.Tensor]]:
-        """(keys, tensors): keys are (layer name, call index), tensors the recorded outputs."""
-        keys, outs = [], []
-        for name, calls in self.records.items():
-            for i, (_, out, version) in enumerate(calls):
-                if out._version != version:
-                    raise RuntimeError(f"layer {name!r}: its output was modified in place after the forward; "
-                                       "output gradients cannot be captured")
-                keys.append((name, i))
-                outs.append(out)
-        return keys, outs
-
-    def gradients(self, f: torch.Tensor, v: torch.Tensor, retain_graph: bool) -> Dict[str, List]:
-        """Backpropagate ``v`` through ``f``; return, per layer, a list of (input, grad_output) per call."""
-        keys, outs = self.outputs()
-        grads = torch.autograd.grad(f, outs, v, retain_graph=retain_graph, allow_unused=True)
+    def gradients(self, f: torch.Tensor, v: torch.Tensor, retain_graph: bool,
+                  on_layer: Optional[Callable[[str, List], None]] = None) -> Optional[Dict[str, List]]:
+        """Backpropagate ``v`` through ``f``. With ``on_layer``, call ``on_layer(name, [(input, grad_output) per
+        call])`` for each layer during the backward pass (layers the gradient does not reach get zeros, after
+        it) and return None; without, return those lists as a dict in recording order."""
         result: Dict[str, List] = {}
-        for (name, i), gr in zip(keys, grads):
-            x = self.records[name][i][0]
-            if gr is None:
-                gr = torch.zeros_like(self.records[name][i][1])
-            result.setdefault(name, []).append((x, gr))
-        return result
+        self._stream = _Stream(self.records, on_layer or result.__setitem__)
+        try:
+            if self._leaves:
+                torch.autograd.grad(f, self._leaves, v, retain_graph=retain_graph, allow_unused=True)
+            for name in self.records:
+                if name not in self._stream.done:
+                    self._stream.finish(name)
+        finally:
+            self._stream = None
+        return None if on_layer is not None else {name: result[name] for name in self.records}
 
 
 def inputs_as_rows(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:

@@ -214,19 +214,19 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
     def set_done(k):
         st.done = k
 
-    def vectors_and_grads(rows, f):
+    def backprop(rows, f, on_layer):
         vecs = list(task.fisher_vectors(f, rows, config.fisher))
         for i, v in enumerate(vecs):
-            yield layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs))
+            layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs), on_layer=on_layer)
 
     def factors_chunk(g, idx, rows, f):
         for name, calls in capture.records.items():
             cov, count = input_covariance(specs[name], [x for x, _, _ in calls], config.approx)
             st.sums[f"{name}::A"] += cov
             st.counts[col[name]] += float(count)
-        for grads in vectors_and_grads(rows, f):
-            for name, calls in grads.items():
-                st.sums[f"{name}::G"] += output_covariance(specs[name], calls, config.approx)
+        def add_g(name, calls):
+            st.sums[f"{name}::G"] += output_covariance(specs[name], calls, config.approx)
+        backprop(rows, f, add_g)
         st.counts[ndraw] += len(rows)
 
     run = dict(purpose="fit", num_draws=m, seed=config.seed, batch_size=batch_size, saver=saver, progress=progress,
@@ -257,13 +257,13 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
                     st.save(ckpt, header)
             bases = {nm: (eig[nm][0][1].to(dtype), eig[nm][1][1].to(dtype)) for nm in names}
 
+            def add_lambda(name, calls):
+                a, gr = calls_as_rows(specs[name], calls, patches=True)
+                qa, qg = bases[name]
+                st.sums[f"{name}::Lambda"] += kk.eigenvalue_correction(a, gr, qa, qg, append_one=specs[name].has_bias)
+
             def eigen_chunk(g, idx, rows, f):
-                for grads in vectors_and_grads(rows, f):
-                    for name, calls in grads.items():
-                        a, gr = calls_as_rows(specs[name], calls, patches=True)
-                        qa, qg = bases[name]
-                        st.sums[f"{name}::Lambda"] += kk.eigenvalue_correction(a, gr, qa, qg,
-                                                                               append_one=specs[name].has_bias)
+                backprop(rows, f, add_lambda)
                 st.counts[neig] += len(rows)
 
             if st.stage == "eigen":
@@ -351,11 +351,12 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
 
     def on_chunk(g, idx, rows, f):
         loss = task.train_loss(f, rows)
-        grads = layer_gradients(capture, loss, torch.full_like(loss, rows.weight), False)
         part = torch.zeros(nq, len(rows), dtype=acc, device=device)
-        for name, calls in grads.items():
+
+        def on_layer(name, calls):  # during the backward pass
             a, gr = calls_as_rows(specs[name], calls, patches=True)
-            part += kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias).to(acc)
+            part.add_(kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias).to(acc))
+        layer_gradients(capture, loss, torch.full_like(loss, rows.weight), False, on_layer=on_layer)
         scores.index_add_(1, rows.example.to(device), part)
 
     def save(done):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -74,7 +75,8 @@ def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, rows: R
         for name, calls in capture.records.items():  # name the first tracked layer that sees or makes NaN
             for x, y, _ in calls:
                 check_finite(name, "activations (layer inputs)", x)
-                check_finite(name, "layer outputs", y)
+                if y.tensor() is not None:
+                    check_finite(name, "layer outputs", y.tensor())
         raise FloatingPointError("the model produced NaN or inf outputs for this batch "
                                  "(every tracked layer's inputs and outputs were finite)")
     missing = [n for n in capture.modules if n not in capture.records]
@@ -84,9 +86,11 @@ def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, rows: R
     return out
 
 
-def layer_gradients(capture: LayerCapture, f: torch.Tensor, v: torch.Tensor, retain_graph: bool) -> Dict[str, List]:
-    """Output gradients per layer and call: ``{name: [(input, grad_output), ...]}``."""
-    return capture.gradients(f, v, retain_graph)
+def layer_gradients(capture: LayerCapture, f: torch.Tensor, v: torch.Tensor, retain_graph: bool,
+                    on_layer: Optional[Callable[[str, List], None]] = None) -> Optional[Dict[str, List]]:
+    """Output gradients per layer and call: ``{name: [(input, grad_output), ...]}``; or, with ``on_layer``,
+    ``on_layer(name, calls)`` for each layer during the backward pass (nothing returned, nothing kept)."""
+    return capture.gradients(f, v, retain_graph, on_layer=on_layer)
 
 
 def checked(name: str, value: torch.Tensor, calls) -> torch.Tensor:
@@ -107,11 +111,13 @@ def gradient_chunks(model: nn.Module, task: Task, capture: LayerCapture, data: A
                     num_draws: int, seed: int, batch_size: int, progress: bool = False, model_mode: str = "eval",
                     output: Optional[Callable[[torch.Tensor, Rows], torch.Tensor]] = None, start: int = 0,
                     stop: Optional[int] = None, desc: Optional[str] = None,
-                    after_group: Optional[Callable[[int], None]] = None):
+                    after_group: Optional[Callable[[int], None]] = None, stream: bool = False):
     """One pass of per-example gradients: yield ``(group, group_indices, rows, {layer: [(input, grad_output)]})``
     per chunk, where the output gradients are those of ``sum_rows weight * output(f, rows)`` (default: the
     measurement for queries, the training loss otherwise), over groups ``start`` to ``stop`` (default: the
-    last). ``after_group(groups_done)`` runs after each group."""
+    last). ``after_group(groups_done)`` runs after each group. With ``stream`` the last item is instead a
+    function ``backward(on_layer)`` that runs the chunk's backward pass calling ``on_layer(name, calls)`` per
+    layer as its gradients appear (no layer's output gradient outlives its processing)."""
     device, mdtype = model_device_dtype(model)
     if output is None:
         output = task.measurement if purpose == "query" else task.train_loss
@@ -126,8 +132,11 @@ def gradient_chunks(model: nn.Module, task: Task, capture: LayerCapture, data: A
                 with seeded_rng(seed, g, c, device):
                     f = forward_capture(model, task, capture, rows)
                     value = output(f, rows)
-                    grads = layer_gradients(capture, value, torch.full_like(value, rows.weight), False)
-                yield g, idx, rows, grads
+                weights = torch.full_like(value, rows.weight)
+                if stream:
+                    yield g, idx, rows, partial(layer_gradients, capture, value, weights, False)
+                else:
+                    yield g, idx, rows, layer_gradients(capture, value, weights, False)
             if after_group is not None:
                 after_group(g + 1)
             bar.update(1)

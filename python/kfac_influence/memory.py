@@ -12,6 +12,7 @@ excluded), plus the layer outputs the capture holds.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
@@ -124,7 +125,7 @@ def measure_footprint(model: nn.Module, task, sample: Any, *, config: CurvatureC
     layers, out_bytes, unfold = [], 0, 0
     for name, spec in capture.specs.items():
         calls = capture.records.get(name, [])
-        r = sum(out[0].numel() // spec.d_out for _, out, _ in calls) if calls else 1
+        r = sum(math.prod(out.shape[1:]) // spec.d_out for _, out, _ in calls) if calls else 1
         layers.append((name, spec.d_in_total, spec.d_out, max(1, r)))
         out_bytes += sum(out.numel() for _, out, _ in calls) // n * out_itemsize(calls, dtype)
         unfold = max(unfold, r * (spec.d_in_total + spec.d_out))

@@ -143,10 +143,11 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
             bar.update(1)
         bar.close()
 
-    def vectors_and_grads(rows, f):
+    def backprop(rows, f, on_layer):
+        """Backpropagate each Fisher vector; ``on_layer(name, calls)`` runs per layer inside each backward."""
         vecs = list(task.fisher_vectors(f, rows, config.fisher))
         for i, v in enumerate(vecs):
-            yield layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs))
+            layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs), on_layer=on_layer)
 
     def factors_chunk(rows, f):
         for name, calls in capture.records.items():
@@ -154,9 +155,9 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
             cov, count = input_covariance(specs[name], xs, config.approx)
             state.sums[f"{name}::A"] += checked(name, cov, [(x, None) for x in xs])
             state.counts[f"{name}::A"] += int(count)
-        for grads in vectors_and_grads(rows, f):
-            for name, calls in grads.items():
-                state.sums[f"{name}::G"] += checked(name, output_covariance(specs[name], calls, config.approx), calls)
+        def add_g(name, calls):
+            state.sums[f"{name}::G"] += checked(name, output_covariance(specs[name], calls, config.approx), calls)
+        backprop(rows, f, add_g)
         state.counts["draws"] += len(rows)
 
     with use_model_mode(model, model_mode):
@@ -180,13 +181,14 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
                 if ckpt:
                     state.save(ckpt, header)
 
+            def add_lambda(name, calls):
+                a, g = calls_as_rows(specs[name], calls, patches=True)
+                qa, qg = bases[name]
+                state.sums[f"{name}::Lambda"] += checked(name, kk.eigenvalue_correction(
+                    a, g, qa, qg, append_one=specs[name].has_bias), calls)
+
             def eigen_chunk(rows, f):
-                for grads in vectors_and_grads(rows, f):
-                    for name, calls in grads.items():
-                        a, g = calls_as_rows(specs[name], calls, patches=True)
-                        qa, qg = bases[name]
-                        state.sums[f"{name}::Lambda"] += checked(name, kk.eigenvalue_correction(
-                            a, g, qa, qg, append_one=specs[name].has_bias), calls)
+                backprop(rows, f, add_lambda)
                 state.counts["eigen_draws"] += len(rows)
 
             if state.stage == "eigen":

@@ -39,10 +39,12 @@ def example_gradients(model: nn.Module, task: Task, modules: Mapping[str, nn.Mod
     for _, _, rows, grads in gradient_chunks(model, task, capture, data, purpose, num_draws=m,
                                              seed=task.seed if seed is None else seed, batch_size=batch_size,
                                              progress=progress, model_mode=model_mode, start=span.start,
-                                             stop=span.stop):
+                                             stop=span.stop, stream=True):
         idx = rows.example.to(device) - first
-        for name, calls in grads.items():
+
+        def on_layer(name, calls, idx=idx):  # during the backward pass
             a, gr = calls_as_rows(capture.specs[name], calls, patches=True)
             per_row = kk.per_example_gradients(a, gr, append_one=capture.specs[name].has_bias)
             out[name].index_add_(0, idx, checked(name, per_row, calls).to(dtype))
+        grads(on_layer)
     return out

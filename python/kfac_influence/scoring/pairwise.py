@@ -78,13 +78,15 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     capture = LayerCapture(dict(modules))
     specs = capture.specs
 
-    def on_chunk(g, idx, rows, grads):
+    def on_chunk(g, idx, rows, backward):
         cols = rows.example.to(device)
         part = torch.zeros(nq, len(rows), dtype=acc_dtype, device=device)
-        for name, calls in grads.items():
+
+        def on_layer(name, calls):  # during the backward pass, as the layer's output gradient appears
             a, gr = calls_as_rows(specs[name], calls, patches=True)
-            part += checked(name, kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias),
-                            calls).to(acc_dtype)
+            part.add_(checked(name, kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias),
+                              calls).to(acc_dtype))
+        backward(on_layer)
         scores.index_add_(1, cols, part)
 
     def save(done):
@@ -93,7 +95,8 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     saver = Checkpointer(save if ckpt else None, every=checkpoint_every)
     for g, idx, rows, grads in gradient_chunks(model, task, capture, train, "train", num_draws=m, seed=task.seed,
                                                batch_size=batch_size, progress=progress, model_mode=model_mode,
-                                               start=start, desc="pairwise scores", after_group=saver.after_group):
+                                               start=start, desc="pairwise scores", after_group=saver.after_group,
+                                               stream=True):
         on_chunk(g, idx, rows, grads)
     if ckpt is not None:
         save(total_groups(train, batch_size, m))
@@ -126,10 +129,11 @@ def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, 
             out[idx] += (pre[name].to(acc_dtype) * v.to(acc_dtype)).flatten(1).sum(1)
         pending.clear()
 
-    def on_chunk(g, idx, rows, grads):
+    def on_chunk(g, idx, rows, backward):
         whole = len(rows) == len(idx) * m  # the whole group is in this chunk
         local = rows.example.to(device) - int(idx[0])
-        for name, calls in grads.items():
+
+        def on_layer(name, calls):  # during the backward pass
             # draws of an example become extra positions below, which ConvPatches cannot express: rows then
             a, gr = calls_as_rows(specs[name], calls, patches=m == 1 or not whole)
             s = specs[name]
@@ -145,12 +149,14 @@ def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, 
                 if name not in pending:
                     pending[name] = torch.zeros((len(idx),) + s.grad_shape, dtype=mdtype, device=device)
                 pending[name].index_add_(0, local, checked(name, per_row, calls))
+        backward(on_layer)
         if not whole and int(rows.example[-1]) == int(idx[-1]) and int(rows.draw[-1]) == m - 1:
             flush(idx.to(device))
 
     span = groups if groups is not None else range(0, total_groups(train, batch_size, m))
     for g, idx, rows, grads in gradient_chunks(model, task, capture, train, "train", num_draws=m, seed=task.seed,
                                                batch_size=batch_size, progress=progress, model_mode=model_mode,
-                                               desc="self scores", start=span.start, stop=span.stop):
+                                               desc="self scores", start=span.start, stop=span.stop,
+                                               stream=True):
         on_chunk(g, idx, rows, grads)
     return out
