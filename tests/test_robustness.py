@@ -113,6 +113,36 @@ def test_nan_is_reported_with_the_layer_name():
     with pytest.raises(FloatingPointError, match="'0'.*activations"):
         fit_curvature(model, RegressionTask(), (X, Y), CurvatureConfig(), progress=False)
 
+    class Residual(nn.Module):  # l1's output feeds only an add: nothing but the diagnosis sees it
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(x + self.l1(x) + self.l2(x))
+    model = Residual().to(F64)
+    with torch.no_grad():
+        model.l1.weight[0, 0] = float("inf")
+    X = torch.randn(5, 3, dtype=F64)
+    with pytest.raises(FloatingPointError, match="'l1'.*layer outputs"):
+        fit_curvature(model, RegressionTask(), (X, Y), CurvatureConfig(), progress=False)
+
+
+def test_streamed_backward_refuses_a_replaced_forward():
+    from kfac_influence.capture import LayerCapture, select_layers
+    from kfac_influence.engine import gradient_chunks
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    X, Y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    capture = LayerCapture(select_layers(model))
+    chunks = list(gradient_chunks(model, RegressionTask(), capture, (X, Y), "train", num_draws=1, seed=0,
+                                  batch_size=2, stream=True))
+    seen = []
+    chunks[-1][3](lambda name, calls: seen.append(name))  # the latest forward's backward runs
+    assert sorted(seen) == ["0", "2"]
+    with pytest.raises(RuntimeError, match="before the next chunk's forward"):
+        chunks[0][3](lambda name, calls: None)
+
 
 def test_bad_inputs_give_clear_errors():
     unet, x = setup()

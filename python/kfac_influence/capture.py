@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -97,22 +96,19 @@ def check_finite(name: str, what: str, t: torch.Tensor) -> None:
 
 
 class _Output:
-    """What a capture keeps of a layer output: shape and dtype, and a weak reference for diagnostics (holding
-    the tensor would keep every layer's output alive until the backward pass)."""
+    """What a capture keeps of a layer output: its shape and dtype (holding the tensor would keep every layer's
+    output alive until the backward pass)."""
 
-    __slots__ = ("shape", "dtype", "ref")
+    __slots__ = ("shape", "dtype")
 
     def __init__(self, t: torch.Tensor):
-        self.shape, self.dtype, self.ref = t.shape, t.dtype, weakref.ref(t)
+        self.shape, self.dtype = t.shape, t.dtype
 
     def numel(self) -> int:
         return math.prod(self.shape)
 
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
-
-    def tensor(self) -> Optional[torch.Tensor]:
-        return self.ref()
 
 
 class _Stream:
@@ -145,7 +141,9 @@ class LayerCapture:
     (``gradients``) visits every tracked output, computes no weight gradient, and hands each layer's
     ``(input, grad_output)`` calls to a callback as soon as they exist, so no output and no output gradient has
     to outlive its layer's processing. The hook sits on the node of ``y + z``, so a later in-place change of
-    the output does not change the gradient it sees.
+    the output does not change the gradient it sees. With ``diagnose`` set, the forward hook instead checks each
+    call's input and output for NaN/inf and raises naming the first layer (``engine.forward_capture`` reruns a
+    non-finite forward that way).
     """
 
     def __init__(self, modules: Dict[str, nn.Module]):
@@ -155,6 +153,8 @@ class LayerCapture:
         self._leaves: List[torch.Tensor] = []
         self._stream: Optional[_Stream] = None
         self._handles = []
+        self.forward_count = 0  # forwards entered: a backward must belong to the latest
+        self.diagnose = False
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
@@ -163,6 +163,9 @@ class LayerCapture:
             x = inputs[0]
             if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
                 x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            if self.diagnose:
+                check_finite(name, "activations (layer inputs)", x)
+                check_finite(name, "layer outputs", output)
             calls = self.records.setdefault(name, [])
             i = len(calls)
             z = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
@@ -181,6 +184,7 @@ class LayerCapture:
 
     def __enter__(self) -> "LayerCapture":
         self.reset()
+        self.forward_count += 1
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
         return self
 
@@ -197,7 +201,9 @@ class LayerCapture:
                   on_layer: Optional[Callable[[str, List], None]] = None) -> Optional[Dict[str, List]]:
         """Backpropagate ``v`` through ``f``. With ``on_layer``, call ``on_layer(name, [(input, grad_output) per
         call])`` for each layer during the backward pass (layers the gradient does not reach get zeros, after
-        it) and return None; without, return those lists as a dict in recording order."""
+        it) and return None; without, return those lists as a dict in recording order. An exception in
+        ``on_layer`` ends the backward pass after the layers already handed on: callers keep no partial sums
+        (the passes restart a failed group from their last checkpoint)."""
         result: Dict[str, List] = {}
         self._stream = _Stream(self.records, on_layer or result.__setitem__)
         try:

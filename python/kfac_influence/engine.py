@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -72,11 +71,14 @@ def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, rows: R
     with capture, torch.enable_grad():
         out = task.forward(model, rows)
     if not bool(torch.isfinite(out).all()):
-        for name, calls in capture.records.items():  # name the first tracked layer that sees or makes NaN
-            for x, y, _ in calls:
-                check_finite(name, "activations (layer inputs)", x)
-                if y.tensor() is not None:
-                    check_finite(name, "layer outputs", y.tensor())
+        # name the first tracked layer that sees or makes NaN: the capture keeps no outputs, so run the forward
+        # again checking each layer as it runs (only on this error path)
+        capture.diagnose = True
+        try:
+            with capture, torch.enable_grad():
+                task.forward(model, rows)
+        finally:
+            capture.diagnose = False
         raise FloatingPointError("the model produced NaN or inf outputs for this batch "
                                  "(every tracked layer's inputs and outputs were finite)")
     missing = [n for n in capture.modules if n not in capture.records]
@@ -91,6 +93,18 @@ def layer_gradients(capture: LayerCapture, f: torch.Tensor, v: torch.Tensor, ret
     """Output gradients per layer and call: ``{name: [(input, grad_output), ...]}``; or, with ``on_layer``,
     ``on_layer(name, calls)`` for each layer during the backward pass (nothing returned, nothing kept)."""
     return capture.gradients(f, v, retain_graph, on_layer=on_layer)
+
+
+def _backward_of_latest(capture: LayerCapture, value: torch.Tensor, weights: torch.Tensor):
+    """``backward(on_layer)`` for the chunk just forwarded; refuses to run once another forward has replaced the
+    capture's records (it would pair this chunk's gradients with that forward's inputs)."""
+    forward = capture.forward_count
+
+    def backward(on_layer):
+        if capture.forward_count != forward:
+            raise RuntimeError("a streamed chunk's backward must run before the next chunk's forward")
+        layer_gradients(capture, value, weights, False, on_layer=on_layer)
+    return backward
 
 
 def checked(name: str, value: torch.Tensor, calls) -> torch.Tensor:
@@ -134,7 +148,7 @@ def gradient_chunks(model: nn.Module, task: Task, capture: LayerCapture, data: A
                     value = output(f, rows)
                 weights = torch.full_like(value, rows.weight)
                 if stream:
-                    yield g, idx, rows, partial(layer_gradients, capture, value, weights, False)
+                    yield g, idx, rows, _backward_of_latest(capture, value, weights)
                 else:
                     yield g, idx, rows, layer_gradients(capture, value, weights, False)
             if after_group is not None:

@@ -4,7 +4,7 @@ Peak of a stage = fixed bytes (model, curvature sums / factors, query gradients,
 per-row bytes (the autograd graph of one forward, the captured output gradients of one backpropagated vector, the
 largest layer's transient copies). Per-row activation bytes are measured, not guessed: one forward on two draws
 with ``torch.autograd.graph.saved_tensors_hooks`` counting every distinct tensor autograd keeps (parameters
-excluded), plus the layer outputs the capture holds.
+excluded), plus the layer inputs the capture holds.
 
     from kfac_influence.memory import choose_batch_size
     bs = choose_batch_size(model, task, train[:2], "6GiB", stage="fit")
