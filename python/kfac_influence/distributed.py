@@ -45,8 +45,8 @@ from .curvature.config import CurvatureConfig
 from .curvature.curvature import Curvature, tracked_parameters
 from .curvature.fit import input_covariance, output_covariance
 from .data_iter import num_examples
-from .engine import (Checkpointer, forward_capture, group_size, iter_groups, layer_gradients, model_device_dtype,
-                     progress_bar, seeded_rng, total_groups, use_model_mode)
+from .engine import (Checkpointer, examples_of_groups, fisher_backprop, forward_capture, iter_groups,
+                     layer_gradients, model_device_dtype, progress_bar, seeded_rng, total_groups, use_model_mode)
 from .scoring import pairwise as _single
 from .scoring.pairwise import preconditioned_query_gradients
 from .storage import load_tensors, model_fingerprint, save_tensors
@@ -215,9 +215,7 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
         st.done = k
 
     def backprop(rows, f, on_layer):
-        vecs = list(task.fisher_vectors(f, rows, config.fisher))
-        for i, v in enumerate(vecs):
-            layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs), on_layer=on_layer)
+        fisher_backprop(capture, task, f, rows, config.fisher, on_layer)
 
     def factors_chunk(g, idx, rows, f):
         for name, calls in capture.records.items():
@@ -312,8 +310,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     nq_total = num_examples(queries)
     if shard == "queries":
         qgroups = shard_groups(total_groups(queries, batch_size, task.num_draws("query")), size, rank)
-        qsize = group_size(batch_size, task.num_draws("query"))
-        q_rows = range(min(nq_total, qgroups.start * qsize), min(nq_total, qgroups.stop * qsize))
+        q_rows = examples_of_groups(qgroups, nq_total, batch_size, task.num_draws("query"))
         groups = range(0, total_groups(train, batch_size, m))
     else:
         qgroups, q_rows = None, range(0, nq_total)

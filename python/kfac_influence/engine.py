@@ -66,6 +66,12 @@ def total_groups(data: Any, batch_size: int, num_draws: int) -> int:
     return num_batches(data, group_size(batch_size, num_draws))
 
 
+def examples_of_groups(groups: range, num_examples: int, batch_size: int, num_draws: int) -> range:
+    """The example indices that the example groups ``groups`` cover (clipped to the data)."""
+    size = group_size(batch_size, num_draws)
+    return range(min(num_examples, groups.start * size), min(num_examples, max(groups.start, groups.stop) * size))
+
+
 def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, rows: Rows) -> torch.Tensor:
     """Forward one chunk with capture on; check the outputs are finite."""
     with capture, torch.enable_grad():
@@ -93,6 +99,15 @@ def layer_gradients(capture: LayerCapture, f: torch.Tensor, v: torch.Tensor, ret
     """Output gradients per layer and call: ``{name: [(input, grad_output), ...]}``; or, with ``on_layer``,
     ``on_layer(name, calls)`` for each layer during the backward pass (nothing returned, nothing kept)."""
     return capture.gradients(f, v, retain_graph, on_layer=on_layer)
+
+
+def fisher_backprop(capture: LayerCapture, task, f: torch.Tensor, rows: Rows, fisher: str,
+                    on_layer: Callable[[str, List], None]) -> None:
+    """Backpropagate each of ``task``'s Fisher vectors for ``f`` (one graph, retained between them);
+    ``on_layer(name, calls)`` runs per layer inside each backward pass."""
+    vecs = list(task.fisher_vectors(f, rows, fisher))
+    for i, v in enumerate(vecs):
+        layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs), on_layer=on_layer)
 
 
 def _backward_of_latest(capture: LayerCapture, value: torch.Tensor, weights: torch.Tensor):

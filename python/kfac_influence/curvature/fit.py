@@ -17,8 +17,8 @@ import kfac_kernels as kk
 
 from ..capture import LayerCapture, LayerSpec, calls_as_rows, grads_as_rows, inputs_as_rows, select_layers
 from ..data_iter import num_examples
-from ..engine import (Checkpointer, checked, forward_capture, iter_groups, layer_gradients, model_device_dtype, use_model_mode,
-                      progress_bar, seeded_rng, total_groups)
+from ..engine import (Checkpointer, checked, fisher_backprop, forward_capture, iter_groups, model_device_dtype,
+                      progress_bar, seeded_rng, total_groups, use_model_mode)
 from ..storage import load_tensors, model_fingerprint, save_tensors
 from ..tasks.base import Task
 from .config import CurvatureConfig
@@ -144,10 +144,7 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
         bar.close()
 
     def backprop(rows, f, on_layer):
-        """Backpropagate each Fisher vector; ``on_layer(name, calls)`` runs per layer inside each backward."""
-        vecs = list(task.fisher_vectors(f, rows, config.fisher))
-        for i, v in enumerate(vecs):
-            layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs), on_layer=on_layer)
+        fisher_backprop(capture, task, f, rows, config.fisher, on_layer)
 
     def factors_chunk(rows, f):
         for name, calls in capture.records.items():

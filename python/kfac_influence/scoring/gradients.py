@@ -11,7 +11,7 @@ import kfac_kernels as kk
 
 from ..capture import LayerCapture, calls_as_rows
 from ..data_iter import num_examples
-from ..engine import checked, gradient_chunks, group_size, model_device_dtype, total_groups
+from ..engine import checked, examples_of_groups, gradient_chunks, model_device_dtype, total_groups
 from ..tasks.base import Task
 
 
@@ -32,15 +32,14 @@ def example_gradients(model: nn.Module, task: Task, modules: Mapping[str, nn.Mod
     m = int(num_draws or task.num_draws(purpose))
     n = num_examples(data)
     span = groups if groups is not None else range(0, total_groups(data, batch_size, m))
-    size = group_size(batch_size, m)
-    first, last = min(n, span.start * size), min(n, max(span.start, span.stop) * size)
-    out = {nm: torch.zeros((last - first,) + s.grad_shape, dtype=dtype, device=device)
+    covered = examples_of_groups(span, n, batch_size, m)
+    out = {nm: torch.zeros((len(covered),) + s.grad_shape, dtype=dtype, device=device)
            for nm, s in capture.specs.items()}
     for _, _, rows, grads in gradient_chunks(model, task, capture, data, purpose, num_draws=m,
                                              seed=task.seed if seed is None else seed, batch_size=batch_size,
                                              progress=progress, model_mode=model_mode, start=span.start,
                                              stop=span.stop, stream=True):
-        idx = rows.example.to(device) - first
+        idx = rows.example.to(device) - covered.start
 
         def on_layer(name, calls, idx=idx):  # during the backward pass
             a, gr = calls_as_rows(capture.specs[name], calls, patches=True)
