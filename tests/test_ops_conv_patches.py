@@ -142,13 +142,15 @@ def _op_inputs(conv, gen, b=4, d_out=3, size=(6, 5)):
     return patches, g, qa, qg, lam, queries
 
 
-@pytest.mark.parametrize("conv, size, rotate_first", [(c, (6, 5), False) for c in CONVS] + [
-    ((1, 1, 0, 1), (2, 2), True), ((2, 1, 0, 1), (2, 3), True)])
-def test_ops_take_conv_patches_torch(conv, size, rotate_first):
+@pytest.mark.parametrize("conv, size, d_out, rotate_first",
+                         [(c, (6, 5), 3, False) for c in CONVS] + [(c, (6, 5), 48, True) for c in CONVS if c != (1, 1, 0, 1)]
+                         + [((1, 1, 0, 1), (2, 2), 6, True), ((2, 1, 0, 1), (2, 3), 6, True)])
+def test_ops_take_conv_patches_torch(conv, size, d_out, rotate_first):
     """Every op given ConvPatches = the loop definition (float64), in both orders of ``rotated_gradients``
-    (few positions and wide layers: rotate first, which unfolds the patches)."""
+    (few positions and wide layers: rotate first, which is one convolution of the input with Q_A's columns as
+    filters, for every geometry: strided, dilated, asymmetric, padded)."""
     gen = torch.Generator().manual_seed(12)
-    patches, g, qa, qg, lam, queries = _op_inputs(conv, gen, d_out=6 if rotate_first else 3, size=size)
+    patches, g, qa, qg, lam, queries = _op_inputs(conv, gen, d_out=d_out, size=size)
     r, d_in, d_out = patches.shape[1], qa.shape[0], qg.shape[0]
     assert (r * (d_in ** 2 + d_out ** 2) <= d_out * d_in * (d_in + d_out)) == rotate_first
     grads = loop_per_example(patches.x, g.transpose(1, 2).reshape(g.shape[0], g.shape[2], *patches.out_size)

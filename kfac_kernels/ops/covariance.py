@@ -48,30 +48,58 @@ def conv_covariance_reference(x: torch.Tensor, kernel_size: IntPair, stride: Int
     return linear_covariance_reference(rows, append_one=append_one, out=out)
 
 
-def _padded_windows(x: torch.Tensor, kernel_size, stride, padding, dilation):
-    """Pad ``x`` so that every tap's window of input positions is a slice, and return the slices' starts.
-
-    Tap (i, j) of output position (oh, ow) reads padded position ``(s_h*oh + start_h[i], s_w*ow + start_w[j])``.
-    The margin is at least the conv padding and at least half the kernel extent, so that a flat shift of the
-    padded array by any tap offset only ever wraps into margin zeros (see ``_shifted_patch_gram``).
-    """
+def _window_margins(kernel_size, padding, dilation):
+    """Margins ``(mh, mw)`` to pad an input by so that every tap's window of input positions is a slice, and the
+    slices' starts ``start_h, start_w``: tap (i, j) of output position (oh, ow) reads padded position
+    ``(s_h*oh + start_h[i], s_w*ow + start_w[j])``. The margin is at least the conv padding and at least half the
+    kernel extent, so that a flat shift of the padded array by any tap offset only ever wraps into margin zeros
+    (see ``_shifted_patch_gram``)."""
     (kh, kw), (ph, pw), (dh, dw) = pair(kernel_size), pair(padding), pair(dilation)
     mh, mw = max(ph, (dh * (kh - 1) + 1) // 2), max(pw, (dw * (kw - 1) + 1) // 2)
-    start_h = [dh * i - ph + mh for i in range(kh)]
-    start_w = [dw * j - pw + mw for j in range(kw)]
-    return F.pad(x, (mw, mw, mh, mh)), (mh, mw), start_h, start_w
+    return (mh, mw), [dh * i - ph + mh for i in range(kh)], [dw * j - pw + mw for j in range(kw)]
 
 
 def _patch_sums(x: torch.Tensor, kernel_size, stride, padding, dilation, per_example: bool) -> torch.Tensor:
     """Sum over output positions of each tap's input value: ``(C*kh*kw,)``, or ``(B, C*kh*kw)`` per example."""
-    (kh, kw), (sh, sw) = pair(kernel_size), pair(stride)
+    (sh, sw) = pair(stride)
     oh, ow = conv_output_size(tuple(x.shape[-2:]), kernel_size, stride, padding, dilation)
-    xp, _, start_h, start_w = _padded_windows(x if per_example else x.sum(0, keepdim=True), kernel_size, stride,
-                                              padding, dilation)
+    (mh, mw), start_h, start_w = _window_margins(kernel_size, padding, dilation)
+    xp = F.pad(x if per_example else x.sum(0, keepdim=True), (mw, mw, mh, mh))
     taps = [xp[:, :, i0:i0 + sh * (oh - 1) + 1:sh, j0:j0 + sw * (ow - 1) + 1:sw].sum(dim=(2, 3))
             for i0 in start_h for j0 in start_w]
     sums = torch.stack(taps, dim=-1).flatten(1)  # (B or 1, C*kh*kw) in unfold order: channel-major
     return sums if per_example else sums[0]
+
+
+def _border_plan(kernel_size, padding, dilation, h: int, w: int):
+    """Which border Grams ``_shifted_patch_gram`` subtracts (or adds back), for an (h, w) input.
+
+    Returns ``(taps, deltas, pairs, strips)``: ``pairs[p] = (t1, t2, k)`` for taps t1 <= t2 at offset
+    ``deltas[k]``; ``strips`` maps a strip of input positions, ``("row", r)``, ``("col", q)`` or
+    ``("corner", r, q)`` in padded coordinates, to ``{k: [(p, sign), ...]}``. Block p's window excludes the
+    input's rows (columns) outside tap row i1's (column j1's) window; by inclusion-exclusion it is the full
+    shifted Gram minus those rows' and those columns' Grams plus their corners'. A strip is listed for delta k only
+    where the partner position can be inside the input (elsewhere its Gram is zero)."""
+    (kh, kw), (dh, dw) = pair(kernel_size), pair(dilation)
+    oh, ow = conv_output_size((h, w), kernel_size, 1, padding, dilation)
+    (mh, mw), start_h, start_w = _window_margins(kernel_size, padding, dilation)
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    deltas = sorted({(i2 - i1, j2 - j1) for t1, (i1, j1) in enumerate(taps) for (i2, j2) in taps[t1:]})
+    index = {dd: k for k, dd in enumerate(deltas)}
+    pairs = [(t1, t2, index[(taps[t2][0] - taps[t1][0], taps[t2][1] - taps[t1][1])])
+             for t1 in range(len(taps)) for t2 in range(t1, len(taps))]
+    real_h, real_w = range(mh, mh + h), range(mw, mw + w)
+    ex_h = [[r for r in real_h if not st <= r < st + oh] for st in start_h]
+    ex_w = [[q for q in real_w if not st <= q < st + ow] for st in start_w]
+    strips: dict = {}
+    for p, (t1, t2, k) in enumerate(pairs):
+        (i1, j1), (di, dj) = taps[t1], deltas[k]
+        rows = [r for r in ex_h[i1] if r + dh * di in real_h]
+        cols = [q for q in ex_w[j1] if q + dw * dj in real_w]
+        for key, sign in [(("row", r), -1.0) for r in rows] + [(("col", q), -1.0) for q in cols] + \
+                [(("corner", r, q), 1.0) for r in rows for q in cols]:
+            strips.setdefault(key, {}).setdefault(k, []).append((p, sign))
+    return taps, deltas, pairs, strips
 
 
 def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: torch.Tensor) -> None:
@@ -81,73 +109,48 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: to
     Block (t1, t2) of taps t1 <= t2 (flat index i*kw + j) is ``sum_q u_q u_{q+delta}^T`` over the input positions
     q in tap t1's window, delta = the offset between the taps. Over ALL positions that sum is one GEMM of the
     padded input (C, N) with itself shifted by delta along the flattened (B, H', W') axis; the window is all
-    positions minus a few border rows and columns (inclusion-exclusion), whose small Gram matrices are
-    subtracted. That is 13 C x C GEMMs for a 3x3 kernel instead of one (9C) x (9C) GEMM of the unfolded
-    patches (6x fewer flops), and no (B, R, 9C) tensor. Zero padding contributes nothing, so only the input's
-    own positions enter the border terms. Scratch besides ``out``: the shifted Grams (13 C^2 for 3x3), the
-    nonzero border terms (about as many) and one padded copy of ``x``.
+    positions minus a few border rows and columns (inclusion-exclusion, ``_border_plan``), whose small Gram
+    matrices are subtracted. That is 13 C x C GEMMs for a 3x3 kernel instead of one (9C) x (9C) GEMM of the
+    unfolded patches (6x fewer flops), and no (B, R, 9C) tensor. Each border strip is one strided view of the
+    padded input (a row of every example, a column, a corner position). Scratch besides ``out``: the padded input, the shifted Grams (13 C^2 for 3x3), the border Grams (about
+    as many) and the upper blocks (as big as half the result).
     """
-    (kh, kw) = pair(kernel_size)
     b, c, h, w = x.shape
-    oh, ow = conv_output_size((h, w), kernel_size, 1, padding, dilation)
-    xp, (mh, mw), start_h, start_w = _padded_windows(x, kernel_size, 1, padding, dilation)
-    hp, wp = xp.shape[-2:]
-    n = b * hp * wp
-    u = xp.transpose(0, 1).reshape(c, n)
-    del xp
+    (mh, mw), _, _ = _window_margins(kernel_size, padding, dilation)
+    taps, deltas, pairs, strips = _border_plan(kernel_size, padding, dilation, h, w)
     (dh, dw) = pair(dilation)
-    taps = [(i, j) for i in range(kh) for j in range(kw)]
-    deltas = sorted({(i2 - i1, j2 - j1) for t1, (i1, j1) in enumerate(taps) for (i2, j2) in taps[t1:]})
+    hp, wp = h + 2 * mh, w + 2 * mw
+    n = b * hp * wp
     offs = [dh * di * wp + dw * dj for di, dj in deltas]
-    ext = F.pad(u, (0, max(offs)))  # positions past the end are zeros
-    full = torch.stack([u @ ext[:, o:o + n].T for o in offs])  # (n_delta, C, C)
-    real_h, real_w = range(mh, mh + h), range(mw, mw + w)
-    index = {dd: k for k, dd in enumerate(deltas)}
-    pairs = [(t1, t2, index[(taps[t2][0] - taps[t1][0], taps[t2][1] - taps[t1][1])])
-             for t1 in range(len(taps)) for t2 in range(t1, len(taps))]
-    ext_t = None
-
-    def strip_gram(rows, cols, taps_here) -> dict:
-        """``{k: sum u_q u_{q+delta_k}^T}`` over q in (every example) x rows x cols, for the deltas that pair a
-        tap in ``taps_here`` with a later one and whose partner positions can be inside the input."""
-        nonlocal ext_t
-        wanted = {k for t1, _, k in pairs if taps[t1] in taps_here}
-        ks = sorted(k for k in wanted
-                    if any(r + dh * deltas[k][0] in real_h for r in rows)
-                    and any(q + dw * deltas[k][1] in real_w for q in cols))
-        if not rows or not cols or not ks:
-            return {}
-        if ext_t is None:
-            ext_t = ext.T.contiguous()  # (N + max_off, C): gathers of whole positions
-        q = (torch.arange(b, device=x.device)[:, None, None] * (hp * wp)
-             + torch.tensor(list(rows), device=x.device)[None, :, None] * wp
-             + torch.tensor(list(cols), device=x.device)[None, None, :]).reshape(-1)
-        right = ext_t[q[None, :] + torch.tensor([offs[k] for k in ks], device=x.device)[:, None]]  # (n, M, C)
-        return dict(zip(ks, torch.matmul(ext_t[q].T, right)))  # (n, C, C)
-
-    def excluded(real: range, start: int, out_len: int) -> list:
-        """The input's own rows (or columns) outside a tap's window [start, start + out_len)."""
-        return [q for q in real if not start <= q < start + out_len]
-
-    ex_h = [excluded(real_h, st, oh) for st in start_h]
-    ex_w = [excluded(real_w, st, ow) for st in start_w]
-    row_terms = {i: strip_gram(ex_h[i], real_w, [t for t in taps if t[0] == i]) for i in range(kh)}
-    col_terms = {j: strip_gram(real_h, ex_w[j], [t for t in taps if t[1] == j]) for j in range(kw)}
-    corners = {t: strip_gram(ex_h[t[0]], ex_w[t[1]], [t]) for t in taps}
-    blocks = out.view(c, len(taps), c, len(taps))  # out[c1 * K + t1, c2 * K + t2] = block (t1, t2)[c1, c2]
-    blk = x.new_empty(c, c)
-    for t1, t2, k in pairs:
-        i1, j1 = taps[t1]
-        blk.copy_(full[k])
-        for term in (row_terms[i1].get(k), col_terms[j1].get(k)):
-            if term is not None:
-                blk.sub_(term)
-        corner = corners[taps[t1]].get(k)
-        if corner is not None:
-            blk.add_(corner)
-        blocks[:, t1, :, t2] = blk
-        if t2 != t1:
-            blocks[:, t2, :, t1] = blk.T
+    ext = x.new_zeros(c, n + max(offs))  # the padded input as (C, N), then zeros that wrapped shifts read
+    ext[:, :n].view(c, b, hp, wp)[:, :, mh:mh + h, mw:mw + w] = x.transpose(0, 1)
+    full = x.new_empty(len(offs), c, c)
+    for k, o in enumerate(offs):
+        torch.mm(ext[:, :n], ext[:, o:o + n].T, out=full[k])
+    upper = full[torch.tensor([k for _, _, k in pairs], device=x.device)]  # (P, C, C): block p before borders
+    del full
+    geometry = {"row": ((b, w), (hp * wp, 1)), "col": ((b, h), (hp * wp, wp)), "corner": ((b,), (hp * wp,))}
+    grams, dest, signs = [], [], []
+    for key, by_k in strips.items():
+        shape, strides = geometry[key[0]]  # a strip's own positions: its row x the input's columns, and so on
+        base = key[1] * wp + mw if key[0] == "row" else mh * wp + key[1] if key[0] == "col" else key[1] * wp + key[2]
+        ks = sorted(by_k)
+        view = lambda off: ext.as_strided((c,) + shape, (ext.stride(0),) + strides, base + off)  # noqa: E731
+        right = torch.stack([view(offs[k]) for k in ks]).reshape(len(ks), c, -1)
+        gram = torch.matmul(view(0).reshape(c, -1), right.transpose(1, 2))  # (len(ks), C, C)
+        for g_k, k in zip(gram, ks):
+            for p, sign in by_k[k]:
+                grams.append(g_k)
+                dest.append(p)
+                signs.append(sign)
+    if grams:
+        terms = torch.stack(grams) * torch.tensor(signs, dtype=x.dtype, device=x.device)[:, None, None]
+        upper.index_add_(0, torch.tensor(dest, device=x.device), terms)
+    t1s = torch.tensor([t1 for t1, _, _ in pairs], device=x.device)
+    t2s = torch.tensor([t2 for _, t2, _ in pairs], device=x.device)
+    blocks = out.view(c, len(taps), c, len(taps)).permute(1, 3, 0, 2)  # blocks[t1, t2] = block (t1, t2), a view
+    blocks[t2s, t1s] = upper.transpose(1, 2)
+    blocks[t1s, t2s] = upper
 
 
 # Below these sizes the border terms and Python overhead of the shifted Gram cost more than the GEMM of unfolded

@@ -16,8 +16,8 @@ import torch
 
 from ..dispatch import register
 from ._checks import acc_dtype, accumulate, check_out, check_tensor
-from .im2col import as_rows
-from .per_example import check_ag, chunk_size_for, per_example_gradient_parts, rotate_inputs
+from .im2col import ConvPatches, as_rows
+from .per_example import check_ag, chunk_size_for, per_example_gradient_parts, rotate_inputs, rotate_patches
 
 
 def _check_bases(a, g, q_a, q_g, append_one):
@@ -38,7 +38,7 @@ def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, 
 
     Two orders give the same Z: rotate a and g per position, then contract over positions (cheaper when R is
     small), or contract first and rotate each example's gradient (cheaper when R exceeds the layer widths).
-    ``a`` may be ``ConvPatches`` (unfolded only when rotating first)."""
+    ``a`` may be ``ConvPatches``: never unfolded (rotating first is one convolution, ``rotate_patches``)."""
     dt = acc_dtype(a, g, q_a, q_g)
     b, r, d_out = g.shape
     d_in = q_a.shape[0]
@@ -47,10 +47,13 @@ def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, 
     per_ex = d_out * d_in * torch.finfo(dt).bits // 8
     step = chunk_size or chunk_size_for(b, per_ex)
     if rotate_first:
-        a_rot = rotate_inputs(as_rows(a).to(dt), qa, append_one)
-        g_rot = g.to(dt) @ qg
+        g_rot = (g.to(dt) @ qg).transpose(1, 2)  # (B, D_out, R)
+        if isinstance(a, ConvPatches):  # one convolution, no unfolded patches: a_rot^T (B, D_in', R)
+            a_rot = rotate_patches(a, qa, append_one).transpose(1, 2)
+        else:
+            a_rot = rotate_inputs(a.to(dt), qa, append_one)
         for s in range(0, b, step):
-            yield torch.einsum("bro,bri->boi", g_rot[s:s + step], a_rot[s:s + step])
+            yield torch.bmm(g_rot[s:s + step], a_rot[s:s + step])
     else:
         for s in range(0, b, step):
             weight, bias = per_example_gradient_parts(a[s:s + step].to(dt), g[s:s + step].to(dt),

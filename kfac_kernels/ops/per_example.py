@@ -78,6 +78,22 @@ def rotate_inputs(a: torch.Tensor, q_a: torch.Tensor, append_one: bool) -> torch
     return a @ q_a
 
 
+def rotate_patches(p: ConvPatches, q_a: torch.Tensor, append_one: bool) -> torch.Tensor:
+    """``[rows(p), 1] @ q_a`` transposed, ``(B, D_in', R)``, as one convolution of ``p.x`` whose D_in' output
+    channels are the columns of q_a (the ones row enters as the bias): the same multiply-adds as unfolding and
+    multiplying, without the (B, R, C*kh*kw) patch tensor, at the convolution's speed (1.4-1.9x faster on a CPU
+    at 8x8 positions, bench/RESULTS.md)."""
+    b, c = p.x.shape[:2]
+    d_in = p.shape[-1]
+    if q_a.shape != (d_in + int(append_one),) * 2:
+        raise ValueError(f"q_a has shape {tuple(q_a.shape)}, expected {(d_in + int(append_one),) * 2}")
+    kernel, stride, padding, dilation = p.geometry
+    weight = q_a[:d_in].T.reshape(q_a.shape[1], c, *kernel)  # output channel j = column j of q_a
+    out = torch.nn.functional.conv2d(p.x.to(q_a.dtype), weight, q_a[d_in] if append_one else None, stride=stride,
+                                     padding=padding, dilation=dilation)
+    return out.reshape(b, q_a.shape[1], -1)
+
+
 def chunk_size_for(b: int, bytes_per_example: int, budget_bytes: int = 256 << 20) -> int:
     """How many examples fit in ``budget_bytes`` of per-example scratch (at least 1)."""
     return max(1, min(b, budget_bytes // max(1, bytes_per_example)))
