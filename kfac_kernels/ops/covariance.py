@@ -16,10 +16,6 @@ from ._checks import acc_dtype, accumulate, check_out, check_tensor
 from .im2col import IntPair, conv_output_size, pair, unfold_conv_input
 
 
-def _with_one(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
-
-
 @register("linear_covariance", "torch")
 def linear_covariance_reference(a: torch.Tensor, *, append_one: bool = False,
                                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -28,9 +24,14 @@ def linear_covariance_reference(a: torch.Tensor, *, append_one: bool = False,
     d = a.shape[1] + int(append_one)
     check_out(out, (d, d), a.device)
     x = a.to(acc_dtype(a))
-    if append_one:
-        x = _with_one(x)
-    return accumulate(out, x.T @ x)
+    if not append_one:
+        return accumulate(out, x.T @ x)
+    # [x, 1]^T [x, 1] = [[x^T x, s], [s^T, M]] with s the column sums: no concatenated copy of the rows
+    gram = x.new_empty(d, d)
+    torch.mm(x.T, x, out=gram[:-1, :-1])
+    gram[:-1, -1] = gram[-1, :-1] = x.sum(0)
+    gram[-1, -1] = x.shape[0]
+    return accumulate(out, gram)
 
 
 def conv_covariance_reference(x: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0,

@@ -55,13 +55,16 @@ def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, 
         for s in range(0, b, step):
             yield torch.bmm(g_rot[s:s + step], a_rot[s:s + step])
     else:
+        # Q_G^T on the output side costs r*d_out^2 per example applied to g's rows, d_out^2*d_in' applied to W
+        g_first = r <= d_in
         for s in range(0, b, step):
-            weight, bias = per_example_gradient_parts(a[s:s + step].to(dt), g[s:s + step].to(dt),
+            g_s = g[s:s + step].to(dt)
+            weight, bias = per_example_gradient_parts(a[s:s + step].to(dt), g_s @ qg if g_first else g_s,
                                                       append_one=append_one)
             right = weight @ qa[:weight.shape[-1]]  # [W, b] Q_A with the bias row added in place, no concatenation
             if bias is not None:
                 right.addcmul_(bias.unsqueeze(-1), qa[-1])
-            yield qg.T @ right
+            yield right if g_first else qg.T @ right
 
 
 @register("eigenvalue_correction", "torch")
@@ -78,7 +81,7 @@ def eigenvalue_correction_reference(a: torch.Tensor, g: torch.Tensor, q_a: torch
         return accumulate(out, (g_rot ** 2).T @ (a_rot ** 2))
     total = torch.zeros(g.shape[-1], d_in, dtype=dt, device=a.device)
     for z in rotated_gradients(a, g, q_a, q_g, append_one=append_one, chunk_size=chunk_size):
-        total += (z ** 2).sum(0)
+        total += z.square_().sum(0)  # z is a fresh chunk: squared in place
     return accumulate(out, total)
 
 
