@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 PEERS = ("kronfluence", "curvlinops")
+
+from peers_flops import pass_ratios  # noqa: E402
 
 
 def run_stage(lib: str, stage: str, work: Path, a) -> dict:
@@ -93,6 +96,7 @@ def main(argv=None) -> None:
                 if rep == 0:
                     scores[lib] = torch.load(work / f"{lib}_scores.pt")
         summary[size] = summarise(runs, size, libs, scores)
+        summary[size]["least"] = pass_ratios(size, a.queries)
     with os.popen("uptime") as f:
         load = f.read().strip()
     table = render(summary, a, libs, load)
@@ -143,6 +147,14 @@ def render(summary, a, libs, load) -> str:
                          f"{inc:.0f} | {o[0] / t:.2f} | {o[1] / mem:.2f} | {o[2] / inc:.2f} |")
         lines += ["", "Spearman agreement of the score matrices (mean over queries): " +
                   ", ".join(f"{k} {v:.3f}" for k, v in s["spearman"].items()), ""]
+        if "least" in s:
+            least, ours = s["least"], s["libs"]["ours"] if "ours" in s["libs"] else None
+            line = (f"Least cost by multiply-adds (bench/peers_flops.py): factors {least['factors']:.2f} floors per "
+                    f"pass, scoring train pass {least['scores']:.2f} floors")
+            if ours is not None:
+                line += (f"; ours measured at {ours['factors']['wall_s'] / 2 / f / least['factors']:.2f}x and "
+                         f"{ours['scores']['wall_s'] / f / least['scores']:.2f}x of it")
+            lines += [line, ""]
     return "\n".join(lines)
 
 

@@ -84,6 +84,17 @@ def layer_macs(module, in_shape, out_shape, queries: int) -> dict:
             "scores": 2 * fwd + r * d_out * d_in1 + queries * d_out * d_in1}
 
 
+def pass_ratios(size: int, queries: int) -> dict:
+    """Multiply-adds per draw of the floor (``floor_mmac``, millions) and of each pass relative to it."""
+    tot = {}
+    for _, m, i, o in layer_shapes(size):
+        for k, v in layer_macs(m, i, o, queries).items():
+            tot[k] = tot.get(k, 0) + v
+    f = tot["floor"]
+    return {"floor_mmac": f / 1e6, "pass1": tot["pass1"] / f, "pass2": tot["pass2"] / f,
+            "factors": (tot["pass1"] + tot["pass2"]) / 2 / f, "scores": tot["scores"] / f}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32])
@@ -93,13 +104,9 @@ def main(argv=None) -> None:
           "scoring train pass / floor |")
     print("|---|---|---|---|---|---|")
     for size in a.sizes:
-        tot = {}
-        for _, m, i, o in layer_shapes(size):
-            for k, v in layer_macs(m, i, o, a.queries).items():
-                tot[k] = tot.get(k, 0) + v
-        f = tot["floor"]
-        print(f"| {size}x{size} | {f / 1e6:.0f} | {tot['pass1'] / f:.2f} | {tot['pass2'] / f:.2f} | "
-              f"{(tot['pass1'] + tot['pass2']) / 2 / f:.2f} | {tot['scores'] / f:.2f} |")
+        r = pass_ratios(size, a.queries)
+        print(f"| {size}x{size} | {r['floor_mmac']:.0f} | {r['pass1']:.2f} | {r['pass2']:.2f} | {r['factors']:.2f} | "
+              f"{r['scores']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -113,8 +113,9 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: to
     positions minus a few border rows and columns (inclusion-exclusion, ``_border_plan``), whose small Gram
     matrices are subtracted. That is 13 C x C GEMMs for a 3x3 kernel instead of one (9C) x (9C) GEMM of the
     unfolded patches (6x fewer flops), and no (B, R, 9C) tensor. Each border strip is one strided view of the
-    padded input (a row of every example, a column, a corner position). Scratch besides ``out``: the padded input, the shifted Grams (13 C^2 for 3x3), the border Grams (about
-    as many) and the upper blocks (as big as half the result).
+    padded input (a row of every example, a column, a corner position). Scratch besides ``out``: the padded
+    input, the shifted Grams (13 C^2 for 3x3), the border Grams (about as many) and the upper blocks (as big as
+    half the result).
     """
     b, c, h, w = x.shape
     (mh, mw), _, _ = _window_margins(kernel_size, padding, dilation)
