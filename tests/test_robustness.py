@@ -36,9 +36,10 @@ def setup():
 
 
 @pytest.mark.parametrize("fail_after", [2, 7])  # during the factor pass; during the eigenvalue pass
-def test_interrupted_fit_resumes_to_identical_factors(tmp_path, fail_after):
+@pytest.mark.parametrize("stored", [F64, torch.float32])  # float32 factors: the pass's bases are saved apart
+def test_interrupted_fit_resumes_to_identical_factors(tmp_path, fail_after, stored):
     unet, x = setup()
-    cfg = CurvatureConfig(dtype=F64, num_draws=2)
+    cfg = CurvatureConfig(dtype=stored, num_draws=2)
     full = fit_curvature(unet, FailingTask(scheduler()), x, cfg, batch_size=4, progress=False)
     with pytest.raises(Interrupt):
         fit_curvature(unet, FailingTask(scheduler(), fail_after=fail_after), x, cfg, batch_size=4,
@@ -49,7 +50,7 @@ def test_interrupted_fit_resumes_to_identical_factors(tmp_path, fail_after):
                             progress=False)
     assert task.calls < 10  # groups before the interruption were not recomputed
     for n in full.module_names:
-        for k in ("A", "G", "Lambda"):
+        for k in ("A", "G", "QA", "QG", "sA", "sG", "Lambda"):
             assert torch.equal(full.factors[n][k], resumed.factors[n][k]), (n, k)
 
 

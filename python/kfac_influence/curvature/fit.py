@@ -55,12 +55,18 @@ def output_covariance(spec: LayerSpec, calls, approx: str) -> torch.Tensor:
 
 
 class _FitState:
-    """Accumulators of a fit in progress; saved to / restored from ``checkpoint_dir``."""
+    """Accumulators of a fit in progress; saved to / restored from ``checkpoint_dir``.
+
+    Stage "factors": float64 sums of A and G. Once pass 1 is done (``finish_factors``) those sums give way to the
+    per-layer results of the factors stage (``results``: means of A and G and their eigenvalues and eigenvectors),
+    which a checkpoint then carries, so a resumed eigenvalue pass uses the very bases it started with and the
+    pass holds no float64 copy of A or G. Stage "eigen" adds the float64 sums of the EK-FAC eigenvalues."""
 
     def __init__(self, specs: Dict[str, LayerSpec], device: torch.device):
         self.stage = "factors"
         self.groups_done = 0
         self.sums: Dict[str, torch.Tensor] = {}
+        self.results: Dict[str, torch.Tensor] = {}
         self.counts: Dict[str, float] = {}
         for n, s in specs.items():
             self.sums[f"{n}::A"] = torch.zeros(s.d_in_total, s.d_in_total, dtype=torch.float64, device=device)
@@ -68,15 +74,21 @@ class _FitState:
             self.counts[f"{n}::A"] = 0
         self.counts["draws"] = 0
 
-    def start_eigen(self, specs: Dict[str, LayerSpec], device: torch.device) -> None:
-        self.stage, self.groups_done = "eigen", 0
-        for n, s in specs.items():
-            self.sums[f"{n}::Lambda"] = torch.zeros(s.d_out, s.d_in_total, dtype=torch.float64, device=device)
-        self.counts["eigen_draws"] = 0
+    def finish_factors(self, results: Dict[str, torch.Tensor], specs: Dict[str, LayerSpec], device: torch.device,
+                       eigen_pass: bool) -> None:
+        """Replace the sums of A and G by ``results``; enter the eigenvalue pass (``eigen_pass``) or finish."""
+        self.results = results
+        self.sums = {}
+        self.stage, self.groups_done = ("eigen" if eigen_pass else "done"), 0
+        if eigen_pass:
+            for n, s in specs.items():
+                self.sums[f"{n}::Lambda"] = torch.zeros(s.d_out, s.d_in_total, dtype=torch.float64, device=device)
+            self.counts["eigen_draws"] = 0
 
     def save(self, path: Path, header: dict) -> None:
-        save_tensors(path, self.sums, {**header, "stage": self.stage, "groups_done": self.groups_done,
-                                       "counts": self.counts})
+        tensors = {**self.sums, **{f"{RESULT}{k}": v for k, v in self.results.items()}}
+        save_tensors(path, tensors, {**header, "stage": self.stage, "groups_done": self.groups_done,
+                                     "counts": self.counts})
 
     @classmethod
     def load(cls, path: Path, header: dict, specs, device) -> "_FitState":
@@ -88,12 +100,19 @@ class _FitState:
                                  "checkpoint_dir")
         st = cls(specs, device)
         st.stage, st.groups_done, st.counts = saved["stage"], saved["groups_done"], saved["counts"]
-        st.sums = {k: v.to(device) for k, v in tensors.items()}
+        st.sums = {k: v.to(device) for k, v in tensors.items() if not k.startswith(RESULT)}
+        st.results = {k[len(RESULT):]: v.to(device) for k, v in tensors.items() if k.startswith(RESULT)}
+        if st.stage != "factors" and not st.results:
+            raise ValueError(f"the checkpoint {path} was written by an older version of kfac_influence (no "
+                             "factor results past the first pass); delete it or use another checkpoint_dir")
         return st
 
 
+RESULT = "result::"  # checkpoint key prefix of the factors stage's results
+
+
 def mean_factor(state: "_FitState", name: str, which: str) -> torch.Tensor:
-    """A (sum over input rows / their count) or G (sum / number of draws), float64."""
+    """A (sum over input rows / their count) or G (sum / number of draws), float64, from pass 1's sums."""
     count = state.counts[f"{name}::A"] if which == "A" else state.counts["draws"]
     return state.sums[f"{name}::{which}"] / max(1, count)
 
@@ -101,6 +120,28 @@ def mean_factor(state: "_FitState", name: str, which: str) -> torch.Tensor:
 def _eig(mat: torch.Tensor):
     s, q = torch.linalg.eigh(mat.double())
     return s.clamp_min(0), q
+
+
+def _factor_results(state: "_FitState", specs: Dict[str, LayerSpec], config: CurvatureConfig,
+                    model_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Per layer ``{name}::{k}``: A, G (means), QA, QG (eigenvectors from float64 eigh) in ``config.dtype``;
+    sA, sG (eigenvalues, float64); for EK-FAC with a model dtype other than ``config.dtype``, QA_pass and QG_pass:
+    the eigenvalue pass's bases, rounded from float64 to the model dtype. Each layer's float64 sums are dropped
+    as soon as its results exist (no second float64 copy of A or G)."""
+    out = {}
+    for nm in specs:
+        for which in ("A", "G"):
+            mean = mean_factor(state, nm, which)
+            s, q = _eig(mean)
+            out[f"{nm}::{which}"] = mean.to(config.dtype)
+            out[f"{nm}::s{which}"] = s
+            # contiguous (eigh's are column-major), as a checkpoint loads them: a resumed pass then multiplies by
+            # the same layout and rounds the same way
+            out[f"{nm}::Q{which}"] = q.to(config.dtype).contiguous()
+            if config.method == "ekfac" and model_dtype != config.dtype:
+                out[f"{nm}::Q{which}_pass"] = q.to(model_dtype).contiguous()
+            del state.sums[f"{nm}::{which}"], mean, q
+    return out
 
 
 def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConfig = CurvatureConfig(), *,
@@ -165,23 +206,15 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
     with use_model_mode(model, model_mode):
         if state.stage == "factors":
             run_pass("factors", factors_chunk)
-        # Only eigenvalues (float64), eigenvectors in the stored dtype and the eigenvalue pass's bases (rounded
-        # from float64 to the model dtype; the same tensors when the dtypes agree) outlive this loop: no float64
-        # copies of A, G or the bases sit beside the eigenvalue pass (docs/memory.md).
-        eig, bases = {}, {}
-        for nm in specs:
-            sA, QA = _eig(mean_factor(state, nm, "A"))
-            sG, QG = _eig(mean_factor(state, nm, "G"))
-            eig[nm] = (sA, QA.to(config.dtype), sG, QG.to(config.dtype))
-            if config.method == "ekfac":
-                bases[nm] = tuple(stored if stored.dtype == dtype else q.to(dtype)
-                                  for q, stored in ((QA, eig[nm][1]), (QG, eig[nm][3])))
-            del QA, QG
-        if config.method == "ekfac":
-            if state.stage == "factors":
-                state.start_eigen(specs, device)
-                if ckpt:
-                    state.save(ckpt, header)
+            # Eigendecompositions (float64); the sums of A and G give way to the results: the eigenvalue pass
+            # holds A, G and their eigenbases in the stored dtype, and a checkpoint carries them (docs/memory.md).
+            state.finish_factors(_factor_results(state, specs, config, dtype), specs, device,
+                                 eigen_pass=config.method == "ekfac")
+            if ckpt:
+                state.save(ckpt, header)
+        res = state.results
+        if state.stage == "eigen":
+            bases = {nm: tuple(res.get(f"{nm}::{q}_pass", res[f"{nm}::{q}"]) for q in ("QA", "QG")) for nm in specs}
 
             def add_lambda(name, calls):
                 a, g = calls_as_rows(specs[name], calls, patches=True)
@@ -193,18 +226,16 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
                 backprop(rows, f, add_lambda)
                 state.counts["eigen_draws"] += len(rows)
 
-            if state.stage == "eigen":
-                run_pass("eigenvalues", eigen_chunk)
+            run_pass("eigenvalues", eigen_chunk)
             state.stage = "done"
 
     factors = {}
     for nm in specs:
-        sA, QA, sG, QG = eig.pop(nm)
         lam = state.sums[f"{nm}::Lambda"] / max(1, state.counts["eigen_draws"]) if config.method == "ekfac" \
-            else torch.outer(sG, sA)
+            else torch.outer(res[f"{nm}::sG"], res[f"{nm}::sA"])
         factors[nm] = {k: v.detach().to("cpu", config.dtype) for k, v in
-                       dict(A=mean_factor(state, nm, "A"), G=mean_factor(state, nm, "G"), QA=QA, QG=QG, sA=sA,
-                            sG=sG, Lambda=lam).items()}
+                       dict(A=res[f"{nm}::A"], G=res[f"{nm}::G"], QA=res[f"{nm}::QA"], QG=res[f"{nm}::QG"],
+                            sA=res[f"{nm}::sA"], sG=res[f"{nm}::sG"], Lambda=lam).items()}
     curv = Curvature(config, specs, factors, header["fingerprint"], n, m)
     if ckpt:
         state.save(ckpt, header)
