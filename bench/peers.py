@@ -149,8 +149,8 @@ def render(summary, a, libs, load) -> str:
                   ", ".join(f"{k} {v:.3f}" for k, v in s["spearman"].items()), ""]
         if "least" in s:
             least, ours = s["least"], s["libs"]["ours"] if "ours" in s["libs"] else None
-            line = (f"Least cost by multiply-adds (bench/peers_flops.py): factors {least['factors']:.2f} floors per "
-                    f"pass, scoring train pass {least['scores']:.2f} floors")
+            line = (f"Cost by multiply-adds at the floor's speed (bench/peers_flops.py): factors "
+                    f"{least['factors']:.2f} floors per pass, scoring train pass {least['scores']:.2f} floors")
             if ours is not None:
                 line += (f"; ours measured at {ours['factors']['wall_s'] / 2 / f / least['factors']:.2f}x and "
                          f"{ours['scores']['wall_s'] / f / least['scores']:.2f}x of it")

@@ -15,8 +15,9 @@ for the work our torch path does (the formulas are those of ``kfac_kernels``' do
   with Q preconditioned queries ``Q d_out d_in'``.
 
 Attention's own products (QK^T, AV), normalisation and activations are left out of every row alike. The ratio
-"pass / floor" is the least a pass can cost relative to the floor if every multiply-add ran as fast as the
-floor's: a lower bound for the measured per-pass ratios in bench/RESULTS.md.
+"pass / floor" is what a pass costs relative to the floor if its multiply-adds run as fast as the floor's (the
+model's own forward and backward): the yardstick for the measured per-pass ratios in bench/RESULTS.md, not a
+hard limit (a large GEMM runs about twice as fast per multiply-add as this model's forward on a CPU).
 """
 from __future__ import annotations
 

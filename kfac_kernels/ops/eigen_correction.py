@@ -38,7 +38,7 @@ def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, 
 
     Two orders give the same Z: rotate a and g per position, then contract over positions (cheaper when R is
     small), or contract first and rotate each example's gradient (cheaper when R exceeds the layer widths).
-    ``a`` may be ``ConvPatches``: never unfolded (rotating first is one convolution, ``rotate_patches``)."""
+    ``a`` may be ``ConvPatches``: on a CPU never unfolded (rotating first is one convolution, ``rotate_patches``)."""
     dt = acc_dtype(a, g, q_a, q_g)
     b, r, d_out = g.shape
     d_in = q_a.shape[0]
@@ -48,10 +48,12 @@ def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, 
     step = chunk_size or chunk_size_for(b, per_ex)
     if rotate_first:
         g_rot = (g.to(dt) @ qg).transpose(1, 2)  # (B, D_out, R)
-        if isinstance(a, ConvPatches):  # one convolution, no unfolded patches: a_rot^T (B, D_in', R)
+        # On a CPU one convolution, no unfolded patches: a_rot^T (B, D_in', R). Not on CUDA, where cuDNN may
+        # convolve in TF32 by default (torch.backends.cudnn.allow_tf32) while GEMMs stay in float32.
+        if isinstance(a, ConvPatches) and not a.x.is_cuda:
             a_rot = rotate_patches(a, qa, append_one).transpose(1, 2)
         else:
-            a_rot = rotate_inputs(a.to(dt), qa, append_one)
+            a_rot = rotate_inputs(as_rows(a).to(dt), qa, append_one)
         for s in range(0, b, step):
             yield torch.bmm(g_rot[s:s + step], a_rot[s:s + step])
     else:

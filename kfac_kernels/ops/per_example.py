@@ -81,8 +81,8 @@ def rotate_inputs(a: torch.Tensor, q_a: torch.Tensor, append_one: bool) -> torch
 def rotate_patches(p: ConvPatches, q_a: torch.Tensor, append_one: bool) -> torch.Tensor:
     """``[rows(p), 1] @ q_a`` transposed, ``(B, D_in', R)``, as one convolution of ``p.x`` whose D_in' output
     channels are the columns of q_a (the ones row enters as the bias): the same multiply-adds as unfolding and
-    multiplying, without the (B, R, C*kh*kw) patch tensor, at the convolution's speed (1.4-1.9x faster on a CPU
-    at 8x8 positions, bench/RESULTS.md)."""
+    multiplying, without the (B, R, C*kh*kw) patch tensor, at the convolution's speed (on a CPU the whole
+    eigenvalue correction of a 3x3 conv at 8x8 positions got 1.2-1.3x faster, bench/RESULTS.md)."""
     b, c = p.x.shape[:2]
     d_in = p.shape[-1]
     if q_a.shape != (d_in + int(append_one),) * 2:

@@ -36,7 +36,8 @@ def preconditioned_query_gradients(model: nn.Module, task: Task, curvature: Curv
     modules = curvature.check_model(model, check_values=check_values)
     grads = example_gradients(model, task, modules, queries, purpose="query", batch_size=batch_size,
                               progress=progress, model_mode=model_mode, groups=groups)
-    return curvature.precondition(grads)
+    # a layer at a time, each raw gradient dropped once preconditioned: Q * (W + largest layer), not 2 Q * W
+    return {name: curvature.precondition({name: grads.pop(name)})[name] for name in list(grads)}
 
 
 def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
