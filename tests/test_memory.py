@@ -40,7 +40,8 @@ def test_mlp_footprint_matches_hand_count():
     assert q.fixed == base + 4 * fp.grad_numel * 8 + 8 * 4 * 10_000
     assert q8.fixed == base + 4 * fp.grad_numel * 1 + 8 * 4 * 10_000
     few = estimate(fp, "scores", 7, num_queries=4, num_examples=1)  # query pass dominates
-    assert few.fixed == base + 4 * (fp.grad_numel + 220) * 8  # gradients + the largest layer's preconditioned
+    # gradients (float64) + the largest layer's preconditioning temporaries (float64 in, two float32 out)
+    assert few.fixed == base + 4 * (fp.grad_numel * 8 + 220 * (8 + 2 * 4))
 
 
 def test_unet_conv_positions_and_linearity():

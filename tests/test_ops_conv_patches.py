@@ -64,6 +64,22 @@ def test_reduce_window_sums_equal_loop_patches(geometry, stride):
     torch.testing.assert_close(got, loop_covariance(x, k, stride, p, d, True, True), rtol=1e-12, atol=1e-12)
 
 
+def test_torch_covariances_differentiate_like_the_references():
+    """The torch path's covariances (shifted Gram, bias column from column sums) keep autograd working, with the
+    gradients of the unfolded / concatenating references (float64)."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 8, 8, 8, dtype=F64, generator=gen, requires_grad=True)
+    w = torch.randn(8 * 9 + 1, 8 * 9 + 1, dtype=F64, generator=gen)
+    got = torch.autograd.grad((cov.conv_covariance_torch(x, 3, 1, 1, append_one=True) * w).sum(), x)[0]
+    ref = torch.autograd.grad((cov.conv_covariance_reference(x, 3, 1, 1, append_one=True) * w).sum(), x)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    a = torch.randn(5, 4, dtype=F64, generator=gen, requires_grad=True)
+    got = torch.autograd.grad((kk.linear_covariance(a, append_one=True, backend="torch") * w[:5, :5]).sum(), a)[0]
+    ref = torch.autograd.grad((torch.cat([a, torch.ones(5, 1, dtype=F64)], 1).T
+                               @ torch.cat([a, torch.ones(5, 1, dtype=F64)], 1) * w[:5, :5]).sum(), a)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_shifted_gram_float32_error_no_worse_than_unfolded(always_shifted):
     """Flash-attention's rule against the unfolded float32 GEMM: the border subtractions cost no accuracy."""
     gen = torch.Generator().manual_seed(9)

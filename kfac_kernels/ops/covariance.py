@@ -28,7 +28,7 @@ def linear_covariance_reference(a: torch.Tensor, *, append_one: bool = False,
         return accumulate(out, x.T @ x)
     # [x, 1]^T [x, 1] = [[x^T x, s], [s^T, M]] with s the column sums: no concatenated copy of the rows
     gram = x.new_empty(d, d)
-    torch.mm(x.T, x, out=gram[:-1, :-1])
+    gram[:-1, :-1] = x.T @ x  # not mm(out=): that would refuse inputs that require grad
     gram[:-1, -1] = gram[-1, :-1] = x.sum(0)
     gram[-1, -1] = x.shape[0]
     return accumulate(out, gram)
@@ -114,7 +114,7 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: to
     matrices are subtracted. That is 13 C x C GEMMs for a 3x3 kernel instead of one (9C) x (9C) GEMM of the
     unfolded patches (6x fewer flops), and no (B, R, 9C) tensor. Each border strip is one strided view of the
     padded input (a row of every example, a column, a corner position). Scratch besides ``out``: the padded
-    input, the shifted Grams (13 C^2 for 3x3), the border Grams (about as many) and the upper blocks (as big as
+    input, the shifted Grams (13 C^2 for 3x3), one strip's border Grams at a time and the upper blocks (as big as
     half the result).
     """
     b, c, h, w = x.shape
@@ -126,13 +126,10 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: to
     offs = [dh * di * wp + dw * dj for di, dj in deltas]
     ext = x.new_zeros(c, n + max(offs))  # the padded input as (C, N), then zeros that wrapped shifts read
     ext[:, :n].view(c, b, hp, wp)[:, :, mh:mh + h, mw:mw + w] = x.transpose(0, 1)
-    full = x.new_empty(len(offs), c, c)
-    for k, o in enumerate(offs):
-        torch.mm(ext[:, :n], ext[:, o:o + n].T, out=full[k])
+    full = torch.stack([ext[:, :n] @ ext[:, o:o + n].T for o in offs])  # (n_delta, C, C)
     upper = full[torch.tensor([k for _, _, k in pairs], device=x.device)]  # (P, C, C): block p before borders
     del full
     geometry = {"row": ((b, w), (hp * wp, 1)), "col": ((b, h), (hp * wp, wp)), "corner": ((b,), (hp * wp,))}
-    grams, dest, signs = [], [], []
     for key, by_k in strips.items():
         shape, strides = geometry[key[0]]  # a strip's own positions: its row x the input's columns, and so on
         base = key[1] * wp + mw if key[0] == "row" else mh * wp + key[1] if key[0] == "col" else key[1] * wp + key[2]
@@ -140,14 +137,9 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: to
         view = lambda off: ext.as_strided((c,) + shape, (ext.stride(0),) + strides, base + off)  # noqa: E731
         right = torch.stack([view(offs[k]) for k in ks]).reshape(len(ks), c, -1)
         gram = torch.matmul(view(0).reshape(c, -1), right.transpose(1, 2))  # (len(ks), C, C)
-        for g_k, k in zip(gram, ks):
+        for g_k, k in zip(gram, ks):  # added straight into the blocks: no list of terms kept
             for p, sign in by_k[k]:
-                grams.append(g_k)
-                dest.append(p)
-                signs.append(sign)
-    if grams:
-        terms = torch.stack(grams) * torch.tensor(signs, dtype=x.dtype, device=x.device)[:, None, None]
-        upper.index_add_(0, torch.tensor(dest, device=x.device), terms)
+                upper[p].add_(g_k, alpha=sign)
     t1s = torch.tensor([t1 for t1, _, _ in pairs], device=x.device)
     t2s = torch.tensor([t2 for _, t2, _ in pairs], device=x.device)
     blocks = out.view(c, len(taps), c, len(taps)).permute(1, 3, 0, 2)  # blocks[t1, t2] = block (t1, t2), a view

@@ -38,7 +38,9 @@ def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, 
 
     Two orders give the same Z: rotate a and g per position, then contract over positions (cheaper when R is
     small), or contract first and rotate each example's gradient (cheaper when R exceeds the layer widths).
-    ``a`` may be ``ConvPatches``: on a CPU never unfolded (rotating first is one convolution, ``rotate_patches``)."""
+    ``a`` may be ``ConvPatches``: rotating first is then one convolution on a CPU (``rotate_patches``), and
+    contracting first takes the per-example gradients from ``per_example_gradient_parts`` (a grouped convolution
+    where that wins on a CPU, unfolded patches elsewhere)."""
     dt = acc_dtype(a, g, q_a, q_g)
     b, r, d_out = g.shape
     d_in = q_a.shape[0]

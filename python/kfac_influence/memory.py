@@ -147,9 +147,9 @@ def estimate(fp: Footprint, stage: str, batch_size: int, *, num_queries: int = 0
 
     fit:    fixed = params + 8 * F (float64 sums) + 2 * factor_itemsize * F (factors, eigenbases: output)
             per_row = act + out_grads * fisher_vectors + 2 D * itemsize (f, the vector) + unfold
-    scores: fixed = params + factor_itemsize * F + max(Q (W + max_l d_out d_in') itemsize (query pass: the
-            gradients, preconditioned a layer at a time), Q W (1 if int8 else itemsize) + Q N max(itemsize, 4)
-            (train pass: the held queries and the score matrix))
+    scores: fixed = params + factor_itemsize * F + max(Q (W max(itemsize, factor_itemsize) + max_l d_out d_in'
+            (itemsize + 2 factor_itemsize)) (query pass: the gradients, preconditioned a layer at a time), Q W (1 if
+            int8 else itemsize) + Q N max(itemsize, 4) (train pass: the held queries and the score matrix))
             per_row = act + out_grads + D * itemsize + unfold
     with F = sum_l (d_in'^2 + d_out^2 + d_out d_in'), W = sum_l d_out d_in'; scratch: the kernels' per-example
     chunk (<= SCRATCH_BYTES on the torch path, 0 when the whole batch's chunk is smaller).
@@ -167,8 +167,11 @@ def estimate(fp: Footprint, stage: str, batch_size: int, *, num_queries: int = 0
             + fp.unfold_bytes_per_row
     else:
         qbytes = 1 if int8_queries else item
+        # the gradients, preconditioned a layer at a time (out in the factors' dtype), and the preconditioner's
+        # two temporaries for the largest layer
         largest_numel = max(di * do for _, di, do, _ in fp.layers)
-        query_pass = num_queries * (fp.grad_numel + largest_numel) * item  # gradients, preconditioned layer by layer
+        query_pass = num_queries * (fp.grad_numel * max(item, factor_itemsize)
+                                    + largest_numel * (item + 2 * factor_itemsize))
         train_pass = num_queries * fp.grad_numel * qbytes + max(item, 4) * num_queries * num_examples
         fixed = fp.param_bytes + factor_itemsize * fp.factor_numel + max(query_pass, train_pass)
         scratch = max(scratch, min(SCRATCH_BYTES, num_queries * largest))

@@ -93,7 +93,7 @@ class _FitState:
     @classmethod
     def load(cls, path: Path, header: dict, specs, device) -> "_FitState":
         tensors, saved = load_tensors(path)
-        for key in ("config", "fingerprint", "num_examples", "batch_size", "num_draws", "task"):
+        for key in ("config", "fingerprint", "num_examples", "batch_size", "num_draws", "task", "model_dtype"):
             if saved.get(key) != header.get(key):
                 raise ValueError(f"the checkpoint {path} was made with a different {key} "
                                  f"({saved.get(key)!r} vs {header.get(key)!r}); delete it or use another "
@@ -167,7 +167,7 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
         raise ValueError("the training data is empty")
     m = int(config.num_draws or task.num_draws("train"))
     header = {"kind": "fit_state", "config": config.to_dict(), "num_examples": n, "batch_size": int(batch_size),
-              "num_draws": m, "task": type(task).__name__,
+              "num_draws": m, "task": type(task).__name__, "model_dtype": str(dtype),
               "fingerprint": model_fingerprint(tracked_parameters(modules))}
     ckpt = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
     state = _FitState.load(ckpt, header, specs, device) if ckpt is not None and ckpt.exists() \
