@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_tensor
-from .im2col import ConvPatches
+from .im2col import ConvPatches, as_rows
 
 
 def check_ag(a, g: torch.Tensor) -> None:
@@ -37,10 +37,8 @@ def per_example_gradient_parts(a, g: torch.Tensor, *, append_one: bool = False):
     # nondeterministic (the fused Triton ops never call this).
     if isinstance(a, ConvPatches) and not a.x.is_cuda and grouped_conv_wins(a, g.shape[-1]):
         weight = _conv_per_example_gradients(a, g)
-    elif isinstance(a, ConvPatches):
-        weight = torch.einsum("bro,bri->boi", g, a.rows())
     else:
-        weight = torch.einsum("bro,bri->boi", g, a)
+        weight = torch.einsum("bro,bri->boi", g, as_rows(a))
     return weight, (g.sum(dim=1) if append_one else None)
 
 
@@ -67,11 +65,15 @@ def _conv_per_example_gradients(p: ConvPatches, g: torch.Tensor) -> torch.Tensor
     return gw.reshape(b, d_out, -1)
 
 
+def _check_q_a(q_a: torch.Tensor, d_in: int, append_one: bool) -> None:
+    if q_a.shape != (d_in + int(append_one),) * 2:
+        raise ValueError(f"q_a has shape {tuple(q_a.shape)}, expected {(d_in + int(append_one),) * 2}")
+
+
 def rotate_inputs(a: torch.Tensor, q_a: torch.Tensor, append_one: bool) -> torch.Tensor:
     """``[a, 1] @ q_a`` without concatenating the ones column. a: (..., D_in), q_a: (D_in', D_in')."""
     d_in = a.shape[-1]
-    if q_a.shape != (d_in + int(append_one),) * 2:
-        raise ValueError(f"q_a has shape {tuple(q_a.shape)}, expected {(d_in + int(append_one),) * 2}")
+    _check_q_a(q_a, d_in, append_one)
     if append_one:  # the ones column's row of q_a enters as addmm's bias: no second pass over the result
         flat = a.reshape(-1, d_in)
         return torch.addmm(q_a[d_in], flat, q_a[:d_in]).reshape(*a.shape[:-1], q_a.shape[1])
@@ -85,8 +87,7 @@ def rotate_patches(p: ConvPatches, q_a: torch.Tensor, append_one: bool) -> torch
     eigenvalue correction of a 3x3 conv at 8x8 positions got 1.2-1.3x faster, bench/RESULTS.md)."""
     b, c = p.x.shape[:2]
     d_in = p.shape[-1]
-    if q_a.shape != (d_in + int(append_one),) * 2:
-        raise ValueError(f"q_a has shape {tuple(q_a.shape)}, expected {(d_in + int(append_one),) * 2}")
+    _check_q_a(q_a, d_in, append_one)
     kernel, stride, padding, dilation = p.geometry
     weight = q_a[:d_in].T.reshape(q_a.shape[1], c, *kernel)  # output channel j = column j of q_a
     out = torch.nn.functional.conv2d(p.x.to(q_a.dtype), weight, q_a[d_in] if append_one else None, stride=stride,
