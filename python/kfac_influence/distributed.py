@@ -43,7 +43,7 @@ import kfac_kernels as kk
 from .capture import LayerCapture, LayerSpec, calls_as_rows, select_layers
 from .curvature.config import CurvatureConfig
 from .curvature.curvature import Curvature, tracked_parameters
-from .curvature.fit import input_covariance, output_covariance
+from .curvature.fit import _eig, input_covariance, output_covariance
 from .data_iter import num_examples
 from .engine import (Checkpointer, examples_of_groups, fisher_backprop, forward_capture, iter_groups,
                      layer_gradients, model_device_dtype, progress_bar, seeded_rng, total_groups, use_model_mode)
@@ -153,11 +153,6 @@ def _rank_dir(checkpoint_dir, rank: int, size: int) -> Optional[Path]:
     return None if checkpoint_dir is None else Path(checkpoint_dir) / f"rank{rank}-of-{size}"
 
 
-def _eigh(mat: torch.Tensor):
-    s, q = torch.linalg.eigh(mat.double())
-    return s.clamp_min(0), q
-
-
 def _shard_pass(model, task, capture, data, groups: range, *, purpose, num_draws, seed, batch_size, start, saver,
                 on_chunk, desc, progress, device, dtype, done_callback=None):
     """Forward (with capture) every chunk of the global groups ``groups`` from ``groups.start + start`` on."""
@@ -243,7 +238,7 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
             G[nm] /= max(1.0, float(counts[ndraw]))
         eig = {}
         for nm in names:
-            (sA, QA), (sG, QG) = _eigh(A[nm]), _eigh(G[nm])
+            (sA, QA), (sG, QG) = _eig(A[nm]), _eig(G[nm])
             sA, QA, sG, QG = (t.contiguous() for t in (sA, QA, sG, QG))
             _broadcast([sA, QA, sG, QG], group)
             eig[nm] = ((sA, QA), (sG, QG))
