@@ -241,8 +241,10 @@ def calls_as_rows(spec: LayerSpec, calls: List[Tuple[torch.Tensor, torch.Tensor]
         x, gr = calls[0]
         return (kk.ConvPatches(x, spec.kernel_size, spec.stride, spec.padding, spec.dilation),
                 grads_as_rows(spec, gr))
-    a = [inputs_as_rows(spec, x) for x, _ in calls]
-    g = [grads_as_rows(spec, gr) for _, gr in calls]
-    if len(calls) == 1:
-        return a[0], g[0]
-    return torch.cat(a, dim=1), torch.cat(g, dim=1)
+    return (joined_rows([inputs_as_rows(spec, x) for x, _ in calls]),
+            joined_rows([grads_as_rows(spec, gr) for _, gr in calls]))
+
+
+def joined_rows(rows: List[torch.Tensor]) -> torch.Tensor:
+    """The rows ``(n, R_i, d)`` of a layer's calls as one ``(n, sum R_i, d)`` (no copy for a single call)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)

@@ -15,7 +15,8 @@ import torch.nn as nn
 
 import kfac_kernels as kk
 
-from ..capture import LayerCapture, LayerSpec, calls_as_rows, grads_as_rows, inputs_as_rows, select_layers
+from ..capture import (LayerCapture, LayerSpec, calls_as_rows, grads_as_rows, inputs_as_rows, joined_rows,
+                       select_layers)
 from ..data_iter import num_examples
 from ..engine import (Checkpointer, checked, fisher_backprop, forward_capture, iter_groups, model_device_dtype,
                       progress_bar, seeded_rng, total_groups, use_model_mode)
@@ -25,11 +26,6 @@ from .config import CurvatureConfig
 from .curvature import Curvature, tracked_parameters
 
 STATE_FILE = "fit_state.safetensors"
-
-
-def _joined(rows: list) -> torch.Tensor:
-    """The rows ``(n, R_i, d)`` of a layer's calls as one ``(n, sum R_i, d)`` (no copy for a single call)."""
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
 
 def input_covariance(spec: LayerSpec, xs, approx: str):
@@ -42,14 +38,14 @@ def input_covariance(spec: LayerSpec, xs, approx: str):
             return cov, x.shape[0]
         oh, ow = kk.conv_output_size(tuple(x.shape[-2:]), spec.kernel_size, spec.stride, spec.padding, spec.dilation)
         return cov, x.shape[0] * oh * ow
-    a = _joined([inputs_as_rows(spec, x) for x in xs])
+    a = joined_rows([inputs_as_rows(spec, x) for x in xs])
     if approx == "reduce":
         return kk.linear_covariance(a.mean(dim=1), append_one=spec.has_bias), a.shape[0]
     return kk.linear_covariance(a.reshape(-1, a.shape[-1]), append_one=spec.has_bias), a.shape[0] * a.shape[1]
 
 
 def output_covariance(spec: LayerSpec, calls, approx: str) -> torch.Tensor:
-    g = _joined([grads_as_rows(spec, gr) for _, gr in calls])
+    g = joined_rows([grads_as_rows(spec, gr) for _, gr in calls])
     rows = g.sum(dim=1) if approx == "reduce" else g.reshape(-1, g.shape[-1])
     return kk.linear_covariance(rows)
 
