@@ -6,8 +6,9 @@ Counted from the tracked layers' shapes (every Linear and Conv2d of ``bench/peer
 for the work our torch path does (the formulas are those of ``kfac_kernels``' docstrings):
 
 * floor: forward, input gradient and weight gradient of every tracked layer, ``3 R d_in d_out`` each;
-* fit pass 1: forward + input gradient ``2 R d_in d_out``, A (stride-1 k x k conv: ``n_delta C^2`` per padded
-  position, n_delta = 13 for 3x3; otherwise the rows' Gram ``R d_in'^2``), G ``R d_out^2``;
+* fit pass 1: forward + input gradient ``2 R d_in d_out``, A (a conv the torch path takes from shifted Grams,
+  ``covariance.uses_shifted_gram``: ``n_delta C^2`` per padded position, n_delta = 13 for 3x3; otherwise the
+  rows' Gram ``R d_in'^2``), G ``R d_out^2``;
 * fit pass 2: forward + input gradient, the EK-FAC rotation in the cheaper order (rotate first:
   ``R (d_in'^2 + d_out^2) + R d_out d_in'``; gradient first: ``R d_out d_in' + d_out d_in'^2 +
   min(R d_out^2, d_out^2 d_in')``);
@@ -32,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers_stage import Setup  # noqa: E402
 
 from kfac_influence.capture import select_layers  # noqa: E402
+from kfac_kernels.ops import covariance as cov  # noqa: E402
+from kfac_kernels.ops.eigen_correction import rotate_first_is_cheaper  # noqa: E402
 
 
 def layer_shapes(size: int):
@@ -61,12 +64,11 @@ def layer_macs(module, in_shape, out_shape, queries: int) -> dict:
         c, h, w = in_shape[1:]
         r = out_shape[2] * out_shape[3]
         d_in, d_out = c * kh * kw, module.out_channels
-        shifted = module.stride == (1, 1) and kh * kw > 1 and c >= 8 and r >= 64
+        shifted = cov.uses_shifted_gram(c, r, module.stride)
         if shifted:
-            taps = [(i, j) for i in range(kh) for j in range(kw)]
-            n_delta = len({(i2 - i1, j2 - j1) for t, (i1, j1) in enumerate(taps) for (i2, j2) in taps[t:]})
-            mh = max(module.padding[0], (module.dilation[0] * (kh - 1) + 1) // 2)
-            mw = max(module.padding[1], (module.dilation[1] * (kw - 1) + 1) // 2)
+            geometry = (module.kernel_size, module.padding, module.dilation)
+            n_delta = len(cov._border_plan(*geometry, h, w)[1])
+            (mh, mw), _, _ = cov._window_margins(*geometry)
             cov_a = n_delta * c * c * (h + 2 * mh) * (w + 2 * mw)
     else:
         r = 1
@@ -77,8 +79,7 @@ def layer_macs(module, in_shape, out_shape, queries: int) -> dict:
     d_in1 = d_in + int(module.bias is not None)
     if not shifted:
         cov_a = r * d_in1 * d_in1
-    rotate_first = r * (d_in1 ** 2 + d_out ** 2) <= d_out * d_in1 * (d_in1 + d_out)
-    rot = (r * (d_in1 ** 2 + d_out ** 2) + r * d_out * d_in1 if rotate_first else
+    rot = (r * (d_in1 ** 2 + d_out ** 2) + r * d_out * d_in1 if rotate_first_is_cheaper(r, d_in1, d_out) else
            r * d_out * d_in1 + d_out * d_in1 ** 2 + min(r * d_out ** 2, d_out ** 2 * d_in1))
     fwd = r * d_in * d_out
     return {"floor": 3 * fwd, "pass1": 2 * fwd + cov_a + r * d_out ** 2, "pass2": 2 * fwd + rot,

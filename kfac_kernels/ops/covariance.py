@@ -153,6 +153,12 @@ SHIFTED_GRAM_MIN_CHANNELS = 8
 SHIFTED_GRAM_MIN_POSITIONS = 64
 
 
+def uses_shifted_gram(channels: int, out_positions: int, stride: IntPair) -> bool:
+    """Whether ``conv_covariance_torch`` takes a conv's expand covariance from shifted Grams (else it unfolds)."""
+    return (pair(stride) == (1, 1) and channels >= SHIFTED_GRAM_MIN_CHANNELS
+            and out_positions >= SHIFTED_GRAM_MIN_POSITIONS)
+
+
 @register("conv_covariance", "torch")
 def conv_covariance_torch(x: torch.Tensor, kernel_size: IntPair, stride: IntPair = 1, padding: IntPair = 0,
                           dilation: IntPair = 1, *, reduce: bool = False, append_one: bool = False,
@@ -172,8 +178,7 @@ def conv_covariance_torch(x: torch.Tensor, kernel_size: IntPair, stride: IntPair
     if reduce:
         means = _patch_sums(xa, kernel_size, stride, padding, dilation, per_example=True) / (oh * ow)
         return linear_covariance_reference(means, append_one=append_one, out=out)
-    if (pair(stride) != (1, 1) or x.shape[1] < SHIFTED_GRAM_MIN_CHANNELS or oh * ow < SHIFTED_GRAM_MIN_POSITIONS
-            or x.shape[0] == 0):
+    if not uses_shifted_gram(x.shape[1], oh * ow, stride) or x.shape[0] == 0:
         return conv_covariance_reference(x, kernel_size, stride, padding, dilation, append_one=append_one, out=out)
     gram = xa.new_empty(d + int(append_one), d + int(append_one))
     _shifted_patch_gram(xa, kernel_size, padding, dilation, gram[:d, :d])

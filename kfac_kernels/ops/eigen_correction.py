@@ -32,6 +32,12 @@ def _check_bases(a, g, q_a, q_g, append_one):
     return d_in
 
 
+def rotate_first_is_cheaper(r: int, d_in: int, d_out: int) -> bool:
+    """Whether rotating each position's a and g (``r (d_in'^2 + d_out^2)`` multiply-adds per example) costs no
+    more than rotating each example's gradient (``d_out d_in' (d_in' + d_out)``); d_in = d_in'."""
+    return r * (d_in * d_in + d_out * d_out) <= d_out * d_in * (d_in + d_out)
+
+
 def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, *,
                       append_one: bool = False, chunk_size: Optional[int] = None) -> Iterator[torch.Tensor]:
     """Yield chunks ``Z: (b, D_out, D_in')`` of per-example gradients in the eigenbasis.
@@ -44,7 +50,7 @@ def rotated_gradients(a, g: torch.Tensor, q_a: torch.Tensor, q_g: torch.Tensor, 
     dt = acc_dtype(a, g, q_a, q_g)
     b, r, d_out = g.shape
     d_in = q_a.shape[0]
-    rotate_first = r * (d_in * d_in + d_out * d_out) <= d_out * d_in * (d_in + d_out)
+    rotate_first = rotate_first_is_cheaper(r, d_in, d_out)
     qa, qg = q_a.to(dt), q_g.to(dt)
     per_ex = d_out * d_in * torch.finfo(dt).bits // 8
     step = chunk_size or chunk_size_for(b, per_ex)
