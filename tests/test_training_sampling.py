@@ -4,7 +4,8 @@ import torch
 
 from kfac_influence.diffusion import training
 from kfac_influence.diffusion.models import make_scheduler, SchedulerConfig
-from kfac_influence.diffusion.sampling import (ddpm_sample, default_timesteps, trajectory_logprob, transition)
+from kfac_influence.diffusion.sampling import ddpm_sample, trajectory_logprob
+from kfac_influence.tasks.ddpm import default_timesteps, transition
 from kfac_influence.diffusion.training import TrainConfig, train
 
 
@@ -40,24 +41,24 @@ def test_training_decreases_loss_and_is_seeded():
     assert not r1.model.training
 
 
-def test_resume_after_kill_gives_identical_weights(tmp_path, monkeypatch):
-    """A run killed mid-way (between checkpoints) and resumed ends with the weights of an uninterrupted run,
-    dropout included."""
+def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch):
+    """A run interrupted mid-way (between checkpoints: Ctrl-C after step 7, last checkpoint at step 4) and resumed
+    ends with the weights of an uninterrupted run, dropout included."""
     sched = make_scheduler()
     cfg = TrainConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=3, checkpoint_every=4, ema_decay=0.9)
     full = train(_tiny_model(dropout=0.2), sched, _images(), cfg, progress=False)
 
-    class Killed(Exception):
-        pass
+    update = training.EMA.update
 
-    def fake_exit(code):
-        raise Killed(code)
+    def interrupt_after_step_7(self, model, step):
+        update(self, model, step)
+        if step + 1 == 7:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.os, "_exit", fake_exit)
-    monkeypatch.setenv(training.ABORT_ENV, "7")
-    with pytest.raises(Killed):
-        train(_tiny_model(dropout=0.2), sched, _images(), cfg, checkpoint_dir=str(tmp_path), progress=False)
-    monkeypatch.delenv(training.ABORT_ENV)
+    with monkeypatch.context() as m:
+        m.setattr(training.EMA, "update", interrupt_after_step_7)
+        with pytest.raises(KeyboardInterrupt):
+            train(_tiny_model(dropout=0.2), sched, _images(), cfg, checkpoint_dir=str(tmp_path), progress=False)
     resumed = train(_tiny_model(dropout=0.2), sched, _images(), cfg, checkpoint_dir=str(tmp_path), progress=False)
     assert resumed.resumed_from == 4 and len(resumed.losses) == 8
     assert resumed.losses == full.losses[4:]
@@ -159,6 +160,6 @@ def test_trajectory_measurement_scores_through_the_core():
                       progress=False)
     task = DiffusionTask(sched, num_train_draws=2, num_query_draws=1, measurement="sampling_trajectory_logprob")
     train_x = _images(6)
-    curv = fit_curvature(model, task, train_x, CurvatureConfig(num_draws=2, damping=1e-3), progress=False)
-    s = pairwise_scores(model, task, curv, res.trajectory, train_x, progress=False)
+    curv = fit_curvature(model, task, train_x, CurvatureConfig(num_draws=2), progress=False)
+    s = pairwise_scores(model, task, curv, res.trajectory, train_x, damping=1e-3, progress=False)
     assert s.shape == (2, 6) and torch.isfinite(s).all() and s.abs().sum() > 0

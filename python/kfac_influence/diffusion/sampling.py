@@ -1,16 +1,8 @@
 """DDPM ancestral sampling (seeded, optionally recording the trajectory) and the trajectory log-probability.
 
-Conventions. ``timesteps`` is a decreasing sequence ``t_0 > t_1 > ... > t_{S-1}`` (all T steps by default, or
-strided like diffusers' ``set_timesteps``); step i goes from ``t_i`` to ``p_i = t_{i+1}`` (``p_{S-1} = -1`` with
-``abar_{-1} = 1``). With ``alpha = abar_t / abar_p`` and ``beta = 1 - alpha`` the model's transition is Gaussian,
-
-    x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)     (clipped to [-1, 1] if the scheduler
-                                                                             has clip_sample, as diffusers does)
-    mean   = sqrt(abar_p) beta / (1 - abar_t) * x0_hat + sqrt(alpha) (1 - abar_p) / (1 - abar_t) * x_t
-    var    = (1 - abar_p) / (1 - abar_t) * beta                              ("fixed_small", diffusers' default)
-
-exactly diffusers' ``DDPMScheduler.step``. A trajectory is a tensor ``(B, S + 1, C, H, W)``: ``[:, 0]`` is the
-initial noise ``x_T`` and ``[:, i + 1]`` the state after step i; ``[:, -1]`` is the generated image.
+The step maths (timestep spacing; the model's Gaussian transition, exactly diffusers' ``DDPMScheduler.step``)
+is ``kfac_influence.tasks.ddpm``. A trajectory is a tensor ``(B, S + 1, C, H, W)``: ``[:, 0]`` is the initial
+noise ``x_T`` and ``[:, i + 1]`` the state after step i; ``[:, -1]`` is the generated image.
 Sample ``k`` of a call with ``seed`` uses its own generator seeded ``seed + k``, so a sample does not depend on the
 batch size or on how many samples are drawn.
 """
@@ -20,54 +12,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
+
+from ..tasks.ddpm import default_timesteps, prev_timesteps, transition
 
 __all__ = ["SampleResult", "default_timesteps", "transition", "ddpm_sample", "trajectory_logprob"]
-
-
-def default_timesteps(scheduler, num_inference_steps: Optional[int] = None) -> torch.Tensor:
-    """Decreasing timesteps ``(S,)`` int64: all T steps, or ``S`` steps strided by ``T // S`` (diffusers' leading
-    spacing, ending at 0)."""
-    T = int(scheduler.config.num_train_timesteps)
-    S = T if num_inference_steps is None else int(num_inference_steps)
-    if not 1 <= S <= T:
-        raise ValueError(f"num_inference_steps must be in 1..{T}, got {S}")
-    ratio = T // S
-    return (torch.arange(S, dtype=torch.long) * ratio).flip(0)
-
-
-def _prev_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
-    prev = torch.full_like(timesteps, -1)
-    prev[:-1] = timesteps[1:]
-    return prev
-
-
-def _eps(model, x, t):
-    out = model(x, t)
-    return out.sample if hasattr(out, "sample") else out
-
-
-def transition(model, scheduler, x_t: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor):
-    """Mean and standard deviation of ``p_theta(x_prev | x_t)``.
-
-    x_t: ``(B, C, H, W)``; t, prev_t: ``(B,)`` int64 (``prev_t = -1`` for the last step).
-    Returns ``mean (B, C, H, W)`` (differentiable in the model's parameters) and ``std (B, 1, 1, 1)`` (0 on the last
-    step, where the transition is deterministic).
-    """
-    abar_all = scheduler.alphas_cumprod.to(device=x_t.device, dtype=x_t.dtype)
-    one = torch.ones((), device=x_t.device, dtype=x_t.dtype)
-    abar_t = abar_all[t].view(-1, 1, 1, 1)
-    abar_p = torch.where(prev_t >= 0, abar_all[prev_t.clamp(min=0)], one).view(-1, 1, 1, 1)
-    alpha = abar_t / abar_p
-    beta = 1.0 - alpha
-    eps = _eps(model, x_t, t.to(x_t.device))
-    x0 = (x_t - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()
-    if getattr(scheduler.config, "clip_sample", False):
-        r = float(getattr(scheduler.config, "clip_sample_range", 1.0))
-        x0 = x0.clamp(-r, r)
-    mean = (abar_p.sqrt() * beta / (1.0 - abar_t)) * x0 + (alpha.sqrt() * (1.0 - abar_p) / (1.0 - abar_t)) * x_t
-    var = (1.0 - abar_p) / (1.0 - abar_t) * beta
-    std = var.clamp(min=0.0).sqrt()
-    return mean, std
 
 
 @dataclass
@@ -89,8 +38,6 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
 
     Returns a :class:`SampleResult`; the images are the last trajectory state clamped to [-1, 1].
     """
-    from tqdm.auto import tqdm
-
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     param = next(model.parameters())
@@ -99,7 +46,7 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
     was_training = model.training
     model.eval()
     timesteps = default_timesteps(scheduler, num_inference_steps)
-    prev = _prev_timesteps(timesteps)
+    prev = prev_timesteps(timesteps)
     shape = tuple(int(s) for s in shape)
     seeds = torch.arange(num_samples, dtype=torch.long) + int(seed)
     images, trajs = [], []
@@ -150,7 +97,7 @@ def trajectory_logprob(model, scheduler, trajectory: torch.Tensor, timesteps: Op
     timesteps = torch.as_tensor(timesteps, dtype=torch.long).cpu()
     if S1 != timesteps.numel() + 1:
         raise ValueError(f"trajectory has {S1} states but {timesteps.numel()} timesteps (need S + 1 states)")
-    prev = _prev_timesteps(timesteps)
+    prev = prev_timesteps(timesteps)
     keep = torch.nonzero(prev >= 0).flatten()
     # the std is theta-free; drop steps whose std is 0 (only the last, with fixed_small variance)
     x_in = trajectory[:, keep]                      # (B, K, C, H, W)

@@ -18,12 +18,9 @@ from dataclasses import dataclass, asdict
 from typing import Callable, List, Optional
 
 import torch
+from tqdm.auto import tqdm
 
-__all__ = ["TrainConfig", "TrainResult", "train", "EMA", "ABORT_ENV"]
-
-#: Test hook: when set to an integer k, training exits the process (status 75, no cleanup) right after step k,
-#: as if it had been killed. Used to check that resuming from the last checkpoint reproduces an uninterrupted run.
-ABORT_ENV = "KFAC_INFLUENCE_ABORT_AFTER_STEP"
+__all__ = ["TrainConfig", "TrainResult", "train", "EMA"]
 
 
 @dataclass(frozen=True)
@@ -133,8 +130,6 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
     ``images`` ``(N, C, H, W)`` in [-1, 1] with the DDPM loss; resumes from ``checkpoint_dir`` if it holds a
     checkpoint of a run with the same config. ``model`` is trained in place (train mode, dropout on).
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
     images = torch.as_tensor(images, dtype=torch.float32)
@@ -166,8 +161,6 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
         torch.set_rng_state(state["torch_rng"])
         perm, cursor, start = state["perm"], state["cursor"], state["step"]
 
-    abort_after = os.environ.get(ABORT_ENV)
-    abort_after = int(abort_after) if abort_after else None
     losses: List[float] = []
     bar = tqdm(total=config.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
     ema_loss = None
@@ -210,9 +203,6 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "perm": perm, "cursor": cursor,
             })
-        if abort_after is not None and done == abort_after:
-            bar.close()
-            os._exit(75)
     bar.close()
     model.eval()
     return TrainResult(model=ema.model.eval(), raw_model=model, losses=losses, resumed_from=start)

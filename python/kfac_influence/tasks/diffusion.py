@@ -12,7 +12,7 @@ example is predicted to RAISE it, i.e. make the query less likely):
   loss_at_time     (1/D) ||eps - f||^2 at the fixed ``timestep``
   weighted_loss    (1/D) ||eps - f||^2 with t drawn proportionally to ``timestep_weights`` (length T)
   sampling_trajectory_logprob  minus the log-probability of a recorded ancestral trajectory: queries are
-                   trajectories (Q, S+1, C, H, W) from ``kfac_influence.diffusion.sampling.ddpm_sample``; each
+                   trajectories (Q, S+1, C, H, W) from ``kfac_influence.diffusion.ddpm_sample``; each
                    stochastic step is one row (weight 1: the measurement sums over steps)
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from .base import MSETask, Rows, example_generator
+from .ddpm import default_timesteps, transition
 
 UNIFORM_T = ("loss", "elbo", "simplified_elbo", "square_norm")
 MEASUREMENTS = ("loss", "elbo", "simplified_elbo", "square_norm", "loss_at_time", "weighted_loss",
@@ -47,8 +48,8 @@ class DiffusionTask(MSETask):
             floor((pi(m) + u_m) T / K), pi a seeded permutation, u_m ~ U[0, 1); each t keeps probability 1/T.
         antithetic: draw 2i+1 reuses draw 2i's t with noise -eps (and MC vector -xi).
             Both apply to every purpose for measurements with uniform t (queries of other measurements keep plain
-            draws). On the digits LDS benchmark both together raised EK-FAC's LDS from 40.1 to 54.6 (mean of three
-            draw seeds, bench/RESULTS.md); the pipeline turns them on, this class leaves them off by default.
+            draws). Their effect on the digits LDS benchmark: bench/RESULTS.md. The pipeline turns them on, this
+            class leaves them off by default.
     """
 
     def __init__(self, scheduler, *, num_train_draws: int = 250, num_query_draws: int = 250,
@@ -152,7 +153,6 @@ class DiffusionTask(MSETask):
         return Rows(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
 
     def _trajectory_rows(self, batch, indices: torch.Tensor) -> Rows:
-        from ..diffusion.sampling import default_timesteps
         traj = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not torch.is_tensor(traj) or traj.dim() != 5:
             raise ValueError("sampling_trajectory_logprob queries must be trajectories (Q, S+1, C, H, W) with "
@@ -172,7 +172,6 @@ class DiffusionTask(MSETask):
 
     def forward(self, model: torch.nn.Module, rows: Rows) -> torch.Tensor:
         if "x_in" in rows.data:  # one ancestral step per row: the model's mean of p(x_prev | x_t)
-            from ..diffusion.sampling import transition
             mean, _ = transition(model, self.scheduler, rows.data["x_in"], rows.data["t"], rows.data["prev_t"])
             return mean
         try:
