@@ -18,7 +18,7 @@ $(BIN)/python:
 # is installed --no-deps with its real needs listed by hand; so are kronfluence and dattri.
 $(STAMP): $(BIN)/python pyproject.toml setup.py
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q triton==$(TRITON_VERSION) setuptools wheel pybind11
+	$(BIN)/pip install -q triton==$(TRITON_VERSION) setuptools wheel
 	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 	$(BIN)/pip install -q --no-deps backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1
 	$(BIN)/pip install -q unfoldNd einconv einops linear_operator opt-einsum

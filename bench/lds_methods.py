@@ -25,7 +25,6 @@ from kfac_influence.baselines.trak import dtrak_timesteps
 from kfac_influence.capture import LayerCapture, select_layers
 from kfac_influence.curvature.curvature import Curvature
 from kfac_influence.evaluation import paired_difference
-from kfac_influence.evaluation.draws import StratifiedDiffusionTask
 from kfac_influence.scoring import example_gradients
 from kfac_influence.storage import load_tensors, save_tensors
 from kfac_influence.tasks import DiffusionTask
@@ -72,9 +71,7 @@ class Bench:
         common = dict(num_train_draws=self.S.draws, num_query_draws=self.S.draws, measurement=measurement,
                       seed=self.draw_seed)
         common.update(kw)
-        if draws == "uniform":
-            return DiffusionTask(self.sch, **common)
-        return StratifiedDiffusionTask(self.sch, stratified="strat" in draws, antithetic="anti" in draws, **common)
+        return DiffusionTask(self.sch, stratified="strat" in draws, antithetic="anti" in draws, **common)
 
     def train_grads(self, model_key="final", draws="uniform"):
         def fn():

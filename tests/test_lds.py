@@ -8,9 +8,8 @@ import torch.nn as nn
 from kfac_influence import CurvatureConfig, fit_curvature, pairwise_scores
 from kfac_influence.evaluation import (LDSConfig, LDSRun, RetrainTopConfig, lds, make_subsets, oracle_ceiling,
                                        removed_score_sums, retrain_top, spearman_rows, task_measurements)
-from kfac_influence.evaluation.draws import StratifiedDiffusionTask
 from kfac_influence.evaluation.retrain_top import top_indices
-from kfac_influence.tasks import RegressionTask
+from kfac_influence.tasks import DiffusionTask, RegressionTask
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -212,7 +211,7 @@ def test_retrain_top_removes_the_right_examples_and_resumes(tmp_path):
 def test_stratified_antithetic_draws():
     betas = torch.linspace(1e-4, 0.02, 1000)
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
-    t = StratifiedDiffusionTask(betas, stratified=True, antithetic=True, num_train_draws=8)
+    t = DiffusionTask(betas, stratified=True, antithetic=True, num_train_draws=8)
     rows = t.rows(x, torch.arange(3), "fit", num_draws=8, seed=0)
     ts = rows.data["t"].view(3, 8)
     eps = rows.data["target"].view(3, 8, -1)
@@ -225,7 +224,7 @@ def test_stratified_antithetic_draws():
     torch.testing.assert_close(rows.data["x_t"], xt)
     # same draws for every call (seeded per example), and a uniform marginal over many examples
     torch.testing.assert_close(t.rows(x, torch.arange(3), "fit", num_draws=8, seed=0).data["x_t"], rows.data["x_t"])
-    s = StratifiedDiffusionTask(betas, stratified=True, num_train_draws=10)
+    s = DiffusionTask(betas, stratified=True, num_train_draws=10)
     many = s.rows(torch.zeros(400, 1, 2, 2), torch.arange(400), "train", num_draws=10, seed=1).data["t"]
     hist = torch.bincount(many // 100, minlength=10)
     assert (hist == 400).all()  # exactly one draw per stratum per example

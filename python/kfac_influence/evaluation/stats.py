@@ -5,8 +5,6 @@ Numpy only (scipy is optional in this package). Ties get average ranks, as ``sci
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -87,7 +85,3 @@ def paired_difference(a: MeanSE, b: MeanSE) -> MeanSE:
     if a.per_query.shape != b.per_query.shape:
         raise ValueError("paired_difference needs results over the same queries")
     return MeanSE.of(a.per_query - b.per_query)
-
-
-def safe_float(x: Optional[float]) -> Optional[float]:
-    return None if x is None or not np.isfinite(x) else float(x)
