@@ -3,7 +3,7 @@ and of the peer benchmark; prints a ratio table (medians).
 
     .venv/bin/python bench/conv_paths.py --threads 1 --repeats 5
 
-Rows: ``conv_covariance`` (unfolded-patch GEMM = ``conv_covariance_reference`` vs the shifted Gram of the torch
+Draws: ``conv_covariance`` (unfolded-patch GEMM = ``conv_covariance_reference`` vs the shifted Gram of the torch
 backend), per-example gradients (unfold + einsum vs one grouped convolution), ``eigenvalue_correction`` and
 ``pairwise_scores`` (unfolded rows vs ``ConvPatches``). "unfolded MB" is the (B, R, C*k*k) float32 tensor the
 ConvPatches path does not build.

@@ -24,6 +24,7 @@ from kfac_influence.baselines.tasks import FixedTimestepTask
 from kfac_influence.baselines.trak import dtrak_timesteps
 from kfac_influence.capture import LayerCapture, select_layers
 from kfac_influence.curvature.curvature import Curvature
+from kfac_influence.curvature.damping import Damping
 from kfac_influence.evaluation import paired_difference
 from kfac_influence.scoring import example_gradients
 from kfac_influence.storage import load_tensors, save_tensors
@@ -77,14 +78,14 @@ class Bench:
         def fn():
             m = self.model(model_key)
             return example_gradients(m, self.task(draws=draws), select_layers(m), self.images, purpose="train",
-                                     batch_size=BATCH)
+                                     draws_per_forward=BATCH)
         return self.cached(f"tg_{model_key}_{draws}{self.sfx}", fn)
 
     def query_grads(self, measurement="loss", model_key="final", draws="uniform", tag="", **kw):
         def fn():
             m = self.model(model_key)
             return example_gradients(m, self.task(measurement, draws=draws, **kw), select_layers(m),
-                                     self.q["images"], purpose="query", batch_size=BATCH)
+                                     self.q["images"], purpose="query", draws_per_forward=BATCH)
         return self.cached(f"qg_{model_key}_{draws}_{measurement}{tag}{self.sfx}", fn)
 
     def curvature(self, approx="expand", fisher="mc", model_key="final", draws="uniform") -> Curvature:
@@ -94,18 +95,21 @@ class Bench:
             t0 = time.time()
             cfg = CurvatureConfig(method="ekfac", approx=approx, fisher=fisher, num_draws=self.S.draws,
                                   seed=self.draw_seed + 1)
-            fit_curvature(m, self.task(draws=draws), self.images, cfg, batch_size=BATCH, progress=False).save(path)
+            fit_curvature(m, self.task(draws=draws), self.images, cfg, draws_per_forward=BATCH,
+                          progress=False).save(path)
             print(f"  fit {path.name}: {time.time() - t0:.0f} s", flush=True)
         return load_curvature(path, m)
 
     @staticmethod
     def variant(curv: Curvature, method="ekfac", damping=1e-8, mode="absolute") -> Curvature:
-        cfg = dataclasses.replace(curv.config, method=method, damping=float(damping), damping_mode=mode)
+        """The fit as K-FAC or EK-FAC, with ``damping`` as its default (one fit serves the whole sweep)."""
+        cfg = dataclasses.replace(curv.config, method=method)
         factors = curv.factors
         if method == "kfac":
             factors = {n: {**f, "Lambda": torch.outer(f["sG"], f["sA"]).to(f["Lambda"].dtype)}
                        for n, f in factors.items()}
-        return Curvature(cfg, curv.specs, factors, curv.fingerprint, curv.num_examples, curv.num_draws)
+        return Curvature(cfg, curv.specs, factors, curv.fingerprint, curv.num_examples, curv.num_draws,
+                         default_damping=Damping(float(damping), mode))
 
     @staticmethod
     def influence(curv: Curvature, qg, tg) -> torch.Tensor:
@@ -177,18 +181,18 @@ def run_methods(root: Path, S, images, q, run, gt, stage="all"):
     dt_task = FixedTimestepTask(b.sch, dtrak_timesteps(10, 1000), output="square_norm", num_train_draws=10,
                                 num_query_draws=10, measurement="square_norm", seed=3)
     feats = b.cached("dtrak_features", lambda: dict(zip(("s", "phi", "psi"), trak_scores(
-        model, dt_task, q["images"], images, TRAKConfig(), batch_size=BATCH, return_features=True))))
+        model, dt_task, q["images"], images, TRAKConfig(), draws_per_forward=BATCH, return_features=True))))
     for t in ("loss", "elbo"):
         sw = {d: b.lds(kernel_scores(feats["psi"], feats["phi"], d, "relative"), t) for d in TRAK_DAMPINGS}
         d, r = max(sw.items(), key=lambda kv: kv[1].mean)
         main[t]["D-TRAK (square norm, 10 timesteps, tuned damping)"] = (r, f"rel {d:g}")
     jt = b.cached("journey_trak", lambda: journey_trak_scores(
         model, b.sch, q["trajectory"], q["timesteps"], images, TRAKConfig(damping=1e-2), num_steps=10,
-        num_train_draws=4, batch_size=BATCH))["x"]
+        num_train_draws=4, draws_per_forward=BATCH))["x"]
     tracin_task = b.task("loss", num_train_draws=16, num_query_draws=16)
     lr = 2e-3
     tr = b.cached("tracin", lambda: tracin_scores(
-        [(b.model(f"raw@{s}"), lr) for s in S.checkpoints], tracin_task, q["images"], images, batch_size=BATCH))["x"]
+        [(b.model(f"raw@{s}"), lr) for s in S.checkpoints], tracin_task, q["images"], images, draws_per_forward=BATCH))["x"]
     dot = {t: sum(qg[t][n].double().flatten(1) @ tg[n].double().flatten(1).T for n in specs) for t in qg}
     tnorm = sum(tg[n].double().flatten(1).pow(2).sum(1) for n in specs).sqrt()
     pix = embedding_similarity(q["images"], images)
@@ -323,13 +327,13 @@ def precompute(root: Path, S, images, q):
     dt_task = FixedTimestepTask(b.sch, dtrak_timesteps(10, 1000), output="square_norm", num_train_draws=10,
                                 num_query_draws=10, measurement="square_norm", seed=3)
     b.cached("dtrak_features", lambda: dict(zip(("s", "phi", "psi"), trak_scores(
-        model, dt_task, q["images"], images, TRAKConfig(), batch_size=BATCH, return_features=True))))
+        model, dt_task, q["images"], images, TRAKConfig(), draws_per_forward=BATCH, return_features=True))))
     b.cached("journey_trak", lambda: journey_trak_scores(
         model, b.sch, q["trajectory"], q["timesteps"], images, TRAKConfig(damping=1e-2), num_steps=10,
-        num_train_draws=4, batch_size=BATCH))
+        num_train_draws=4, draws_per_forward=BATCH))
     tracin_task = b.task("loss", num_train_draws=16, num_query_draws=16)
     b.cached("tracin", lambda: tracin_scores(
-        [(b.model(f"raw@{s}"), 2e-3) for s in S.checkpoints], tracin_task, q["images"], images, batch_size=BATCH))
+        [(b.model(f"raw@{s}"), 2e-3) for s in S.checkpoints], tracin_task, q["images"], images, draws_per_forward=BATCH))
     b.query_grads("loss", tag="_shared", share_draws=True)
     for draws in ("strat", "anti", "strat+anti"):
         b.curvature("expand", "mc", draws=draws)

@@ -65,7 +65,7 @@ class Setup:
     def rows(self, purpose: str):
         """(x_t, t, eps) of every draw, example-major, as our pipeline makes them."""
         data = self.queries if purpose == "query" else self.x
-        r = self.task.rows(data, torch.arange(data.shape[0]), purpose, num_draws=self.m, seed=self.seed)
+        r = self.task.draws(data, torch.arange(data.shape[0]), purpose, num_draws=self.m, seed=self.seed)
         return r.data["x_t"].float(), r.data["t"], r.data["target"].float()
 
     def fold(self, s: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,12 @@ def ours(st: Setup, stage: str, work: Path, fisher: str, batch: int):
 
     path = work / "ours_curvature.safetensors"
     if stage == "factors":
-        cfg = CurvatureConfig(method="ekfac", approx="expand", fisher=fisher, damping=RHO, damping_mode="relative",
-                              seed=st.seed)
-        fit_curvature(st.model, st.task, st.x, cfg, batch_size=batch, progress=False).save(path)
+        cfg = CurvatureConfig(method="ekfac", approx="expand", fisher=fisher, seed=st.seed)
+        fit_curvature(st.model, st.task, st.x, cfg, draws_per_forward=batch, progress=False).save(path)
         return None
     curv = load_curvature(path, st.model)
-    return pairwise_scores(st.model, st.task, curv, st.queries, st.x, batch_size=batch, progress=False)
+    return pairwise_scores(st.model, st.task, curv, st.queries, st.x, draws_per_forward=batch, progress=False,
+                           damping=RHO, damping_mode="relative")
 
 
 # ----------------------------------------------------------------------------------------------- kronfluence

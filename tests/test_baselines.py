@@ -52,7 +52,7 @@ def explicit_gradients(model, task, data, purpose, num_draws, output=None):
     out = {nm: torch.zeros((n,) + s.grad_shape, dtype=torch.float64) for nm, s in specs.items()}
     for i in range(n):
         batch = tuple(d[i:i + 1] for d in data) if isinstance(data, tuple) else data[i:i + 1]
-        rows = task.rows(batch, torch.tensor([i]), purpose, num_draws=num_draws, seed=task.seed)
+        rows = task.draws(batch, torch.tensor([i]), purpose, num_draws=num_draws, seed=task.seed)
         for r in range(len(rows)):
             one = rows.slice(r, r + 1)
             f = task.forward(model, one)
@@ -78,7 +78,7 @@ def test_kronecker_projection_equals_dense_kron_of_explicit_gradients():
     data = _data(5, 1)
     proj = make_projector(model, TRAKConfig(projection=ProjectionConfig(dim_in=4, dim_out=2, seed=3)))
     assert proj.p_out["c2"] is None and proj.p_in["lin"] is not None  # d_out = 1 <= 2: not projected
-    fast = projected_gradients(model, task, data, proj, purpose="train", batch_size=4)  # chunks split examples
+    fast = projected_gradients(model, task, data, proj, purpose="train", draws_per_forward=4)  # chunks split examples
     ref = dense_project(proj, explicit_gradients(model, task, data, "train", 3))
     torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(proj.project_gradients(explicit_gradients(model, task, data, "train", 3)), ref)
@@ -118,7 +118,7 @@ def test_trak_matches_reference():
     task = DiffusionTask(BETAS, num_train_draws=2, num_query_draws=3, seed=2)
     train, queries = _data(6, 2), _data(3, 3)
     cfg = TRAKConfig(projection=ProjectionConfig(dim_in=3, dim_out=2, seed=1), damping=0.05)
-    s = trak_scores(model, task, queries, train, cfg, batch_size=5)
+    s = trak_scores(model, task, queries, train, cfg, draws_per_forward=5)
     proj = make_projector(model, cfg)
     phi = dense_project(proj, explicit_gradients(model, task, train, "train", 2))
     psi = dense_project(proj, explicit_gradients(model, task, queries, "query", 3))
@@ -134,10 +134,10 @@ def test_dtrak_uses_square_norm_at_fixed_timesteps():
     assert ts == [125, 375, 625, 875]
     task = FixedTimestepTask(BETAS, ts, output="square_norm", num_train_draws=4, num_query_draws=4,
                              measurement="square_norm", seed=7)
-    rows = task.rows(train[:2], torch.arange(2), "train", num_draws=4, seed=7)
+    rows = task.draws(train[:2], torch.arange(2), "train", num_draws=4, seed=7)
     assert rows.data["t"].tolist() == ts * 2
     cfg = TRAKConfig(projection=ProjectionConfig(dim_in=3, dim_out=2, seed=0), damping=0.1)
-    s = dtrak_scores(model, BETAS, queries, train, cfg, num_timesteps=4, seed=7, batch_size=8)
+    s = dtrak_scores(model, BETAS, queries, train, cfg, num_timesteps=4, seed=7, draws_per_forward=8)
     sq = lambda f, r: f.pow(2).flatten(1).mean(1)  # noqa: E731
     proj = make_projector(model, cfg)
     phi = dense_project(proj, explicit_gradients(model, task, train, "train", 4, output=sq))
@@ -157,7 +157,7 @@ def test_journey_trak_matches_reference():
     for i in (0, 2):
         t = int(timesteps[i])
         qt = TrajectoryStepTask(BETAS, t)
-        rows = qt.rows((traj[:, i], traj[:, -1]), torch.arange(2), "query", num_draws=1, seed=0)
+        rows = qt.draws((traj[:, i], traj[:, -1]), torch.arange(2), "query", num_draws=1, seed=0)
         abar = float(torch.cumprod(1 - BETAS, 0)[t])
         torch.testing.assert_close(math.sqrt(abar) * traj[:, -1] + math.sqrt(1 - abar) * rows.data["target"],
                                    traj[:, i])
@@ -172,7 +172,7 @@ def test_gradient_dot_cosine_and_tracin():
     task = DiffusionTask(BETAS, num_train_draws=2, num_query_draws=2, seed=3)
     train, queries = _data(5, 8), _data(3, 9)
     m1, m2 = _model(4), _model(5)
-    dot = gradient_similarity(m1, task, queries, train, batch_size=3)  # groups of 1 example, 2 chunks
+    dot = gradient_similarity(m1, task, queries, train, draws_per_forward=3)  # groups of 1 example, 2 chunks
     tg = explicit_gradients(m1, task, train, "train", 2)
     qg = explicit_gradients(m1, task, queries, "query", 2)
     tflat = torch.cat([v.flatten(1) for v in tg.values()], 1)

@@ -44,9 +44,9 @@ def test_factors_match_curvlinops(fisher, cl_fisher, approx):
     task = DiffusionTask(scheduler(), num_train_draws=2)
     x = torch.rand(3, 1, 4, 4, dtype=torch.float64) * 2 - 1
     cfg = CurvatureConfig(method="kfac", approx=approx, fisher=fisher, dtype=torch.float64, seed=3)
-    curv = fit_curvature(unet, task, x, cfg, batch_size=4, progress=False)
+    curv = fit_curvature(unet, task, x, cfg, draws_per_forward=4, progress=False)
 
-    rows = task.rows(x, torch.arange(3), "fit", num_draws=2, seed=3)
+    rows = task.draws(x, torch.arange(3), "fit", num_draws=2, seed=3)
     data = [({"x_t": rows.data["x_t"][s:s + 4], "t": rows.data["t"][s:s + 4]},
              rows.data["target"][s:s + 4].flatten(1)) for s in range(0, len(rows), 4)]
     model = Flat(unet)

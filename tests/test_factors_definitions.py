@@ -59,8 +59,8 @@ def test_factors_equal_definitions(kind, approx, fisher):
     model, X, Y = make(kind)
     task = RegressionTask()
     cfg = CurvatureConfig(method="kfac", approx=approx, fisher=fisher, dtype=F64, seed=5)
-    curv = fit_curvature(model, task, (X, Y), cfg, batch_size=4, progress=False)
-    XI = task.rows((X, Y), torch.arange(9), "fit", num_draws=1, seed=5).data["xi"] if fisher == "mc" else None
+    curv = fit_curvature(model, task, (X, Y), cfg, draws_per_forward=4, progress=False)
+    XI = task.draws((X, Y), torch.arange(9), "fit", num_draws=1, seed=5).data["xi"] if fisher == "mc" else None
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     assert sorted(curv.module_names) == sorted(layers)
     for name, layer in layers.items():
@@ -75,9 +75,9 @@ def test_ekfac_eigenvalues_equal_rotated_squared_gradients(kind, fisher):
     model, X, Y = make(kind)
     task = RegressionTask()
     cfg = CurvatureConfig(method="ekfac", fisher=fisher, dtype=F64, seed=2, num_draws=2 if fisher == "mc" else None)
-    curv = fit_curvature(model, task, (X, Y), cfg, batch_size=3, progress=False)
+    curv = fit_curvature(model, task, (X, Y), cfg, draws_per_forward=3, progress=False)
     m = 2 if fisher == "mc" else 1
-    rows = task.rows((X, Y), torch.arange(9), "fit", num_draws=m, seed=2)
+    rows = task.draws((X, Y), torch.arange(9), "fit", num_draws=m, seed=2)
     layers = {n: l for n, l in model.named_modules() if isinstance(l, (nn.Linear, nn.Conv2d))}
     sums = {n: 0 for n in layers}
     for i in range(len(rows)):

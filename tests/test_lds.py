@@ -111,9 +111,9 @@ def test_lds_near_one_on_linear_regression(tmp_path):
     # deterministic training: the two seeds agree exactly, so the oracle ceiling is 1
     assert run.oracle(truth).mean == pytest.approx(1.0)
     full = _fit_linear(*train)
-    curv = fit_curvature(full, task, train, CurvatureConfig(method="kfac", fisher="type2", damping=2 * RIDGE,
-                                                            dtype=torch.float64), progress=False)
-    scores = pairwise_scores(full, task, curv, queries, train, progress=False)
+    curv = fit_curvature(full, task, train, CurvatureConfig(method="kfac", fisher="type2", dtype=torch.float64),
+                         progress=False)
+    scores = pairwise_scores(full, task, curv, queries, train, progress=False, damping=2 * RIDGE)
     res = run.lds(scores, truth)
     assert res.mean > 0.9 and res.num_valid == 8
     assert run.lds(-scores, truth).mean < -0.9  # the sign matters
@@ -186,9 +186,9 @@ def test_retrain_top_removes_the_right_examples_and_resumes(tmp_path):
     train, queries = _regression(n=40, nq=3, seed=7)
     task = RegressionTask()
     full = _fit_linear(*train)
-    curv = fit_curvature(full, task, train, CurvatureConfig(method="kfac", fisher="type2", damping=2 * RIDGE,
-                                                            dtype=torch.float64), progress=False)
-    scores = pairwise_scores(full, task, curv, queries, train, progress=False)
+    curv = fit_curvature(full, task, train, CurvatureConfig(method="kfac", fisher="type2", dtype=torch.float64),
+                         progress=False)
+    scores = pairwise_scores(full, task, curv, queries, train, progress=False, damping=2 * RIDGE)
     seen = []
 
     def train_fn(idx, seed):
@@ -212,7 +212,7 @@ def test_stratified_antithetic_draws():
     betas = torch.linspace(1e-4, 0.02, 1000)
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     t = DiffusionTask(betas, stratified=True, antithetic=True, num_train_draws=8)
-    rows = t.rows(x, torch.arange(3), "fit", num_draws=8, seed=0)
+    rows = t.draws(x, torch.arange(3), "fit", num_draws=8, seed=0)
     ts = rows.data["t"].view(3, 8)
     eps = rows.data["target"].view(3, 8, -1)
     assert torch.equal(ts[:, 0::2], ts[:, 1::2])
@@ -223,9 +223,9 @@ def test_stratified_antithetic_draws():
     xt = abar.sqrt() * x.repeat_interleave(8, 0) + (1 - abar).sqrt() * rows.data["target"]
     torch.testing.assert_close(rows.data["x_t"], xt)
     # same draws for every call (seeded per example), and a uniform marginal over many examples
-    torch.testing.assert_close(t.rows(x, torch.arange(3), "fit", num_draws=8, seed=0).data["x_t"], rows.data["x_t"])
+    torch.testing.assert_close(t.draws(x, torch.arange(3), "fit", num_draws=8, seed=0).data["x_t"], rows.data["x_t"])
     s = DiffusionTask(betas, stratified=True, num_train_draws=10)
-    many = s.rows(torch.zeros(400, 1, 2, 2), torch.arange(400), "train", num_draws=10, seed=1).data["t"]
+    many = s.draws(torch.zeros(400, 1, 2, 2), torch.arange(400), "train", num_draws=10, seed=1).data["t"]
     hist = torch.bincount(many // 100, minlength=10)
     assert (hist == 400).all()  # exactly one draw per stratum per example
     assert abs(many.double().mean().item() - 499.5) < 10

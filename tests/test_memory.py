@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kfac_influence import CurvatureConfig
-from kfac_influence.memory import choose_batch_size, estimate, measure_footprint, parse_bytes
+from kfac_influence.memory import choose_draws_per_forward, estimate, measure_footprint, parse_bytes
 from kfac_influence.tasks import DiffusionTask, RegressionTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,7 +58,7 @@ def test_unet_conv_positions_and_linearity():
     assert fp1.act_bytes_per_row == fp.act_bytes_per_row
 
 
-def test_choose_batch_size_is_the_largest_that_fits():
+def test_choose_draws_per_forward_is_the_largest_that_fits():
     model = tiny_unet(size=8, channels=(4, 8))
     task = DiffusionTask(scheduler(), num_train_draws=1)
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
@@ -66,7 +66,7 @@ def test_choose_batch_size_is_the_largest_that_fits():
     for stage, kw in (("fit", {}), ("scores", dict(num_queries=8, num_examples=1000))):
         sizes = []
         for budget in (8 << 20, 32 << 20, 128 << 20):
-            b = choose_batch_size(model, task, x, budget, stage=stage, footprint=fp,
+            b = choose_draws_per_forward(model, task, x, budget, stage=stage, footprint=fp,
                                   config=CurvatureConfig(dtype=torch.float64), headroom=1.0, **kw)
             total = lambda n: estimate(fp, stage, n, factor_itemsize=8, **kw).total  # noqa: E731
             assert total(b) <= budget and (b == 4096 or total(b + 1) > budget)
@@ -78,7 +78,7 @@ def test_too_small_budget_is_a_clear_error():
     model = tiny_unet(size=8, channels=(4, 8))
     task = DiffusionTask(scheduler(), num_train_draws=1)
     with pytest.raises(MemoryError, match="even one draw per forward"):
-        choose_batch_size(model, task, torch.rand(2, 1, 8, 8, dtype=torch.float64), "64KiB")
+        choose_draws_per_forward(model, task, torch.rand(2, 1, 8, 8, dtype=torch.float64), "64KiB")
 
 
 @pytest.mark.parametrize("text,value", [("512MiB", 512 << 20), ("6GB", 6_000_000_000), ("1.5 GiB", 3 << 29),

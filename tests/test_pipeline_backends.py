@@ -28,10 +28,10 @@ def run(monkeypatch, backend):
     unet = TinyEps()
     task = DiffusionTask(scheduler(), num_train_draws=2, num_query_draws=2, seed=3)
     x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    curv = fit_curvature(unet, task, x, CurvatureConfig(damping=1e-2, damping_mode="relative"), batch_size=4,
-                         progress=False)
-    return curv, pairwise_scores(unet, task, curv, x[:2], x, batch_size=4, progress=False), \
-        self_scores(unet, task, curv, x, batch_size=4, progress=False)
+    curv = fit_curvature(unet, task, x, CurvatureConfig(), draws_per_forward=4, progress=False)
+    damp = dict(damping=1e-2, damping_mode="relative")
+    return curv, pairwise_scores(unet, task, curv, x[:2], x, draws_per_forward=4, progress=False, **damp), \
+        self_scores(unet, task, curv, x, draws_per_forward=4, progress=False, **damp)
 
 
 def test_triton_backend_matches_torch_backend(monkeypatch):

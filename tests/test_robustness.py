@@ -4,6 +4,9 @@ import torch
 import torch.nn as nn
 
 from kfac_influence import CurvatureConfig, fit_curvature, load_curvature, pairwise_scores
+from kfac_influence.curvature.damping import Damping
+from kfac_influence.engine import CheckpointMismatch
+from kfac_influence.identity import settings_fingerprint
 from kfac_influence.tasks import DiffusionTask, RegressionTask
 
 from helpers import scheduler, tiny_unet
@@ -22,11 +25,14 @@ class FailingTask(DiffusionTask):
         super().__init__(*args, **kw)
         self.fail_after, self.calls = fail_after, 0
 
-    def rows(self, *args, **kw):
+    def draws(self, *args, **kw):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise Interrupt()
-        return super().rows(*args, **kw)
+        return super().draws(*args, **kw)
+
+    def fingerprint(self):  # the failure schedule does not change results: a resumed run may drop it
+        return settings_fingerprint(self, exclude=("fail_after", "calls"))
 
 
 def setup():
@@ -40,13 +46,13 @@ def setup():
 def test_interrupted_fit_resumes_to_identical_factors(tmp_path, fail_after, stored):
     unet, x = setup()
     cfg = CurvatureConfig(dtype=stored, num_draws=2)
-    full = fit_curvature(unet, FailingTask(scheduler()), x, cfg, batch_size=4, progress=False)
+    full = fit_curvature(unet, FailingTask(scheduler()), x, cfg, draws_per_forward=4, progress=False)
     with pytest.raises(Interrupt):
-        fit_curvature(unet, FailingTask(scheduler(), fail_after=fail_after), x, cfg, batch_size=4,
+        fit_curvature(unet, FailingTask(scheduler(), fail_after=fail_after), x, cfg, draws_per_forward=4,
                       checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
     assert (tmp_path / "fit_state.safetensors").exists()
     task = FailingTask(scheduler())
-    resumed = fit_curvature(unet, task, x, cfg, batch_size=4, checkpoint_dir=tmp_path, checkpoint_every=1,
+    resumed = fit_curvature(unet, task, x, cfg, draws_per_forward=4, checkpoint_dir=tmp_path, checkpoint_every=1,
                             progress=False)
     assert task.calls < 10  # groups before the interruption were not recomputed
     for n in full.module_names:
@@ -57,13 +63,13 @@ def test_interrupted_fit_resumes_to_identical_factors(tmp_path, fail_after, stor
 def test_interrupted_scoring_resumes(tmp_path):
     unet, x = setup()
     task = FailingTask(scheduler(), num_train_draws=2, num_query_draws=2)
-    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), batch_size=4, progress=False)
-    full = pairwise_scores(unet, task, curv, x[:2], x, batch_size=4, progress=False)
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), draws_per_forward=4, progress=False)
+    full = pairwise_scores(unet, task, curv, x[:2], x, draws_per_forward=4, progress=False)
     bad = FailingTask(scheduler(), num_train_draws=2, num_query_draws=2, fail_after=3)
     with pytest.raises(Interrupt):
-        pairwise_scores(unet, bad, curv, x[:2], x, batch_size=4, progress=False, checkpoint_dir=tmp_path,
+        pairwise_scores(unet, bad, curv, x[:2], x, draws_per_forward=4, progress=False, checkpoint_dir=tmp_path,
                         checkpoint_every=1)
-    resumed = pairwise_scores(unet, task, curv, x[:2], x, batch_size=4, progress=False, checkpoint_dir=tmp_path,
+    resumed = pairwise_scores(unet, task, curv, x[:2], x, draws_per_forward=4, progress=False, checkpoint_dir=tmp_path,
                               checkpoint_every=1)
     assert torch.equal(full, resumed)
 
@@ -72,9 +78,29 @@ def test_checkpoint_from_other_config_is_refused(tmp_path):
     unet, x = setup()
     task = DiffusionTask(scheduler(), num_train_draws=1)
     fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(CheckpointMismatch, match="config: "):
         fit_curvature(unet, task, x, CurvatureConfig(dtype=F64, fisher="empirical"), checkpoint_dir=tmp_path,
                       progress=False)
+    # other training data of the same size: refused, not answered with the first data's curvature
+    with pytest.raises(CheckpointMismatch, match="data: "):
+        fit_curvature(unet, task, x.flip(0), CurvatureConfig(dtype=F64), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_score_checkpoint_of_other_inputs_is_refused(tmp_path):
+    unet, x = setup()
+    task = DiffusionTask(scheduler(), num_train_draws=1, num_query_draws=1)
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), progress=False)
+    first = pairwise_scores(unet, task, curv, x[:2], x, progress=False, checkpoint_dir=tmp_path, damping=1e-8)
+    again = pairwise_scores(unet, task, curv, x[:2], x, progress=False, checkpoint_dir=tmp_path, damping=1e-8)
+    assert torch.equal(first, again)  # a finished state is reused
+    for change, what in ((dict(damping=1e3), "damping: "), (dict(queries=x[2:4]), "queries: "),
+                         (dict(task=DiffusionTask(scheduler(), num_train_draws=1, num_query_draws=1, seed=9)),
+                          "task: ")):
+        kw = dict(task=task, queries=x[:2], damping=1e-8)
+        kw.update(change)
+        with pytest.raises(CheckpointMismatch, match=what):
+            pairwise_scores(unet, kw["task"], curv, kw["queries"], x, progress=False, checkpoint_dir=tmp_path,
+                            damping=kw["damping"])
 
 
 def test_save_load_roundtrip_and_mismatch(tmp_path):
@@ -131,18 +157,19 @@ def test_nan_is_reported_with_the_layer_name():
 
 def test_streamed_backward_refuses_a_replaced_forward():
     from kfac_influence.capture import LayerCapture, select_layers
-    from kfac_influence.engine import gradient_chunks
+    from kfac_influence.engine import draw_pass
 
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
     X, Y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    task = RegressionTask()
     capture = LayerCapture(select_layers(model))
-    chunks = list(gradient_chunks(model, RegressionTask(), capture, (X, Y), "train", num_draws=1, seed=0,
-                                  batch_size=2, stream=True))
+    chunks = list(draw_pass(model, task, capture, (X, Y), "train", num_draws=1, seed=0, draws_per_forward=2))
     seen = []
-    chunks[-1][3](lambda name, calls: seen.append(name))  # the latest forward's backward runs
+    last = chunks[-1]
+    last.backward(task.train_loss(last.outputs, last.draws), lambda name, calls: seen.append(name))
     assert sorted(seen) == ["0", "2"]
     with pytest.raises(RuntimeError, match="before the next chunk's forward"):
-        chunks[0][3](lambda name, calls: None)
+        chunks[0].backward(task.train_loss(chunks[0].outputs, chunks[0].draws), lambda name, calls: None)
 
 
 def test_bad_inputs_give_clear_errors():
@@ -164,7 +191,11 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="method"):
         CurvatureConfig(method="foo")
     with pytest.raises(ValueError, match="damping"):
-        CurvatureConfig(damping=float("nan"))
+        Damping(float("nan"))
+    with pytest.raises(ValueError, match="damping_mode"):
+        Damping(1e-3, "proportional")
+    with pytest.raises(TypeError):  # damping is a scoring setting now
+        CurvatureConfig(damping=1e-3)
     with pytest.raises(ValueError, match="measurement"):
         DiffusionTask(scheduler(), measurement="likelihood")
     with pytest.raises(ValueError, match="loss_at_time needs timestep"):

@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.func import functional_call, jacrev, vmap, grad
 
 from kfac_influence import CurvatureConfig, fit_curvature, pairwise_scores, self_scores
+from kfac_influence.engine import Shard, examples_of_groups, shard_groups
 from kfac_influence.tasks import DiffusionTask, RegressionTask
 
 import bruteforce as bf
@@ -19,10 +20,8 @@ def test_single_linear_type2_is_exact_ggn_and_scores_match_dense_solve(method):
     torch.manual_seed(0)
     model = nn.Linear(6, 4).to(F64)
     X, Y = torch.randn(15, 6, dtype=F64), torch.randn(15, 4, dtype=F64)
-    lam = 1e-3
-    curv = fit_curvature(model, RegressionTask(), (X, Y),
-                         CurvatureConfig(method=method, fisher="type2", dtype=F64, damping=lam), batch_size=4,
-                         progress=False)
+    curv = fit_curvature(model, RegressionTask(), (X, Y), CurvatureConfig(method=method, fisher="type2", dtype=F64),
+                         draws_per_forward=4, progress=False)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def flat(p):  # (d_out, d_in + 1) matrix, column-major vec (the vec in which A (x) G acts)
@@ -43,15 +42,18 @@ def test_single_linear_type2_is_exact_ggn_and_scores_match_dense_solve(method):
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))(params, X, Y)
     gvec = torch.stack([flat({"weight": g["weight"][n], "bias": g["bias"][n]}) for n in range(15)])
-    S_ref = gvec[:5] @ torch.linalg.solve(ggn + lam * torch.eye(ggn.shape[0], dtype=F64), gvec.T)
-    S = pairwise_scores(model, RegressionTask(), curv, (X[:5], Y[:5]), (X, Y), batch_size=4, progress=False)
-    torch.testing.assert_close(S, S_ref, rtol=1e-9, atol=1e-10)
+    # damping is a scoring choice: one fit, a sweep of dampings, each equal to its own dense solve
+    for lam in (1e-3, 1e-1, 10.0):
+        S_ref = gvec[:5] @ torch.linalg.solve(ggn + lam * torch.eye(ggn.shape[0], dtype=F64), gvec.T)
+        S = pairwise_scores(model, RegressionTask(), curv, (X[:5], Y[:5]), (X, Y), draws_per_forward=4,
+                            progress=False, damping=lam)
+        torch.testing.assert_close(S, S_ref, rtol=1e-9, atol=1e-10)
 
 
 def explicit_example_grads(model, task, layers, data, purpose):
     """Per-example gradients (mean over the example's draws) from autograd on the parameters, one row at a time."""
     n = data.shape[0]
-    rows = task.rows(data, torch.arange(n), purpose, num_draws=task.num_draws(purpose), seed=task.seed)
+    rows = task.draws(data, torch.arange(n), purpose, num_draws=task.num_draws(purpose), seed=task.seed)
     out = {k: torch.zeros((n,) + tuple(bf.weight_matrix_grad_shape(l)), dtype=F64) for k, l in layers.items()}
     for i in range(len(rows)):
         r = rows.slice(i, i + 1)
@@ -68,33 +70,46 @@ def test_streamed_scores_equal_explicit_per_example_gradients(measurement):
     task = DiffusionTask(scheduler(), num_train_draws=3, num_query_draws=2, measurement=measurement, seed=4)
     x = torch.rand(7, 1, 4, 4, dtype=F64) * 2 - 1
     q = torch.rand(3, 1, 4, 4, dtype=F64) * 2 - 1
-    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64, damping=1e-4, num_draws=2), batch_size=5,
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64, num_draws=2), draws_per_forward=5,
                          progress=False)
-    S = pairwise_scores(unet, task, curv, q, x, batch_size=4, progress=False)  # 4 rows: splits examples' draws
+    # 4 draws per forward: splits examples' draws
+    S = pairwise_scores(unet, task, curv, q, x, draws_per_forward=4, progress=False, damping=1e-4)
     layers = {n: m for n, m in unet.named_modules() if n in curv.module_names}
     gq = explicit_example_grads(unet, task, layers, q, "query")
     gt = explicit_example_grads(unet, task, layers, x, "train")
-    pre = curv.precondition(gq)
+    pre = curv.precondition(gq, damping=1e-4)
     S_ref = sum(pre[k].flatten(1) @ gt[k].flatten(1).T for k in layers)
     torch.testing.assert_close(S, S_ref, rtol=1e-9, atol=1e-9 * float(S_ref.abs().max()))
 
 
-@pytest.mark.parametrize("batch_size", [2, 9])  # 2: draws of an example span chunks; 9: fused path
-def test_self_scores_equal_diagonal_of_pairwise(batch_size):
+class LocalShard(Shard):
+    """A rank's share of the groups, without a process group: reductions do nothing (each part stays partial)."""
+
+    def all_reduce(self, tensors):
+        pass
+
+
+@pytest.mark.parametrize("per_forward", [2, 9])  # 2: draws of an example span chunks; 9: fused path
+def test_self_scores_equal_diagonal_of_pairwise(per_forward):
     unet = tiny_unet(size=4)
     task = DiffusionTask(scheduler(), num_train_draws=3, num_query_draws=3, share_draws=True, seed=1)
     x = torch.rand(5, 1, 4, 4, dtype=F64) * 2 - 1
-    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64, damping=1e-3, damping_mode="relative"),
-                         batch_size=6, progress=False)
-    S = pairwise_scores(unet, task, curv, x, x, batch_size=4, progress=False)
-    s = self_scores(unet, task, curv, x, batch_size=batch_size, progress=False)
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), draws_per_forward=6, progress=False)
+    damp = dict(damping=1e-3, damping_mode="relative")
+    S = pairwise_scores(unet, task, curv, x, x, draws_per_forward=4, progress=False, **damp)
+    s = self_scores(unet, task, curv, x, draws_per_forward=per_forward, progress=False, **damp)
     torch.testing.assert_close(s, torch.diagonal(S), rtol=1e-9, atol=1e-9 * float(s.abs().max()))
     assert (s > 0).all()
     # shards of example groups (what distributed ranks score): disjoint, empty ones give zeros, they add up
-    size = max(1, batch_size // 3)  # examples per group
-    parts = [self_scores(unet, task, curv, x, batch_size=batch_size, progress=False, groups=range(lo, hi))
-             for lo, hi in [(0, 1), (1, 1), (1, -(-5 // size))]]
-    assert not parts[1].any() and not parts[0][size:].any() and (parts[0][:size] > 0).all()
+    groups = -(-5 // max(1, per_forward // 3))
+    parts = [self_scores(unet, task, curv, x, draws_per_forward=per_forward, progress=False,
+                         shard=LocalShard(rank, 3), **damp) for rank in range(3)]
+    for rank, part in enumerate(parts):
+        owned = examples_of_groups(shard_groups(groups, 3, rank), 5, per_forward, 3)
+        mask = torch.zeros(5, dtype=torch.bool)
+        mask[owned.start:owned.stop] = True
+        assert not part[~mask].any() and (part[mask] > 0).all()
+    assert len(examples_of_groups(shard_groups(groups, 3, 2), 5, per_forward, 3)) == (0 if per_forward == 9 else 1)
     torch.testing.assert_close(sum(parts), s, rtol=1e-12, atol=0)
 
 
@@ -102,9 +117,10 @@ def test_scores_with_one_draw_and_int8_queries():
     unet = tiny_unet(size=4, dtype=torch.float32)
     task = DiffusionTask(scheduler(), num_train_draws=1, num_query_draws=1)
     x = torch.rand(6, 1, 4, 4) * 2 - 1
-    curv = fit_curvature(unet, task, x, CurvatureConfig(damping=1e-3, damping_mode="relative"), progress=False)
-    S = pairwise_scores(unet, task, curv, x[:2], x, progress=False)
-    S8 = pairwise_scores(unet, task, curv, x[:2], x, progress=False, int8_queries=True)
+    curv = fit_curvature(unet, task, x, CurvatureConfig(), progress=False)
+    damp = dict(damping=1e-3, damping_mode="relative")
+    S = pairwise_scores(unet, task, curv, x[:2], x, progress=False, **damp)
+    S8 = pairwise_scores(unet, task, curv, x[:2], x, progress=False, int8_queries=True, **damp)
     assert S.shape == (2, 6) and torch.isfinite(S).all()
     rel = (S8 - S).norm() / S.norm()
     assert rel < 0.05, rel

@@ -12,14 +12,14 @@ F64 = torch.float64
 def test_draws_are_reproducible_per_example_whatever_the_batching():
     task = DiffusionTask(scheduler(), num_train_draws=3, seed=7)
     x = torch.rand(5, 1, 4, 4, dtype=F64)
-    whole = task.rows(x, torch.arange(5), "train", num_draws=3, seed=7)
-    part = task.rows(x[2:4], torch.arange(2, 4), "train", num_draws=3, seed=7)
+    whole = task.draws(x, torch.arange(5), "train", num_draws=3, seed=7)
+    part = task.draws(x[2:4], torch.arange(2, 4), "train", num_draws=3, seed=7)
     assert torch.equal(whole.data["x_t"][6:12], part.data["x_t"])
     assert torch.equal(whole.data["t"][6:12], part.data["t"])
-    query = task.rows(x, torch.arange(5), "query", num_draws=3, seed=7)
+    query = task.draws(x, torch.arange(5), "query", num_draws=3, seed=7)
     assert not torch.equal(query.data["t"], whole.data["t"])  # independent draws for queries by default
     shared = DiffusionTask(scheduler(), num_train_draws=3, num_query_draws=3, seed=7, share_draws=True)
-    assert torch.equal(shared.rows(x, torch.arange(5), "query", num_draws=3, seed=7).data["x_t"], whole.data["x_t"])
+    assert torch.equal(shared.draws(x, torch.arange(5), "query", num_draws=3, seed=7).data["x_t"], whole.data["x_t"])
     abar = task.alphas_cumprod[whole.data["t"]].view(-1, 1, 1, 1)
     x0 = x.repeat_interleave(3, 0)
     torch.testing.assert_close(whole.data["x_t"], abar.sqrt() * x0 + (1 - abar).sqrt() * whole.data["target"])
@@ -31,7 +31,7 @@ def test_elbo_measurements_equal_gaussian_kl_definition():
     task = DiffusionTask(sch, num_query_draws=16, measurement="elbo", seed=3)
     simple = DiffusionTask(sch, num_query_draws=16, measurement="simplified_elbo", seed=3)
     x = torch.rand(2, 1, 4, 4, dtype=F64) * 2 - 1
-    rows = task.rows(x, torch.arange(2), "query", num_draws=16, seed=3)
+    rows = task.draws(x, torch.arange(2), "query", num_draws=16, seed=3)
     f = torch.randn_like(rows.data["x_t"])  # any network output
     t = rows.data["t"]
     keep = t >= 1
@@ -55,11 +55,11 @@ def test_elbo_measurements_equal_gaussian_kl_definition():
 def test_loss_at_time_and_weighted_loss_timesteps():
     x = torch.rand(3, 1, 4, 4, dtype=F64)
     fixed = DiffusionTask(scheduler(), measurement="loss_at_time", timestep=123)
-    assert (fixed.rows(x, torch.arange(3), "query", num_draws=5, seed=0).data["t"] == 123).all()
+    assert (fixed.draws(x, torch.arange(3), "query", num_draws=5, seed=0).data["t"] == 123).all()
     w = torch.zeros(1000)
     w[[10, 500]] = torch.tensor([1.0, 3.0])
     weighted = DiffusionTask(scheduler(), measurement="weighted_loss", timestep_weights=w)
-    t = weighted.rows(x, torch.arange(3), "query", num_draws=400, seed=0).data["t"]
+    t = weighted.draws(x, torch.arange(3), "query", num_draws=400, seed=0).data["t"]
     assert set(t.tolist()) == {10, 500}
     assert 0.6 < (t == 500).double().mean() < 0.9
 
@@ -85,7 +85,7 @@ def test_trajectory_measurement_gradients_equal_autograd_of_trajectory_logprob()
     task = DiffusionTask(sch, measurement="sampling_trajectory_logprob")
     traj = torch.randn(2, 6, 1, 4, 4, dtype=F64)  # 5 steps: 4 stochastic + the deterministic last one
     modules = select_layers(unet)
-    got = example_gradients(unet, task, modules, traj, purpose="query", batch_size=3)
+    got = example_gradients(unet, task, modules, traj, purpose="query", draws_per_forward=3)
     for q in range(2):
         ref = bf.param_grads(unet, modules, -trajectory_logprob(unet, sch, traj[q:q + 1]).sum())
         for name in modules:
@@ -95,7 +95,7 @@ def test_trajectory_measurement_gradients_equal_autograd_of_trajectory_logprob()
 def test_stratified_antithetic_draws():
     task = DiffusionTask(scheduler(), num_train_draws=6, seed=2, stratified=True, antithetic=True)
     x = torch.rand(2, 1, 4, 4, dtype=F64)
-    rows = task.rows(x, torch.arange(2), "fit", num_draws=6, seed=2)
+    rows = task.draws(x, torch.arange(2), "fit", num_draws=6, seed=2)
     t = rows.data["t"].view(2, 6)
     eps = rows.data["target"].view(2, 6, -1)
     xi = rows.data["xi"].view(2, 6, -1)

@@ -1,23 +1,39 @@
-"""The pass loop shared by fitting and scoring: examples -> draws (rows) -> chunks -> forward -> output gradients.
+"""The one pass loop under fitting, query gradients, pairwise and self scores (single process or sharded).
 
-``batch_size`` counts rows (draws) per forward pass; groups hold max(1, batch_size // M) examples, and a group's
-rows are split into chunks of at most ``batch_size``. Checkpoints are taken between groups.
+Vocabulary. An example expands into M *draws* (for diffusion: (t, eps) pairs; ``tasks.base.Draws``). Examples
+are taken in *groups* of ``max(1, draws_per_forward // M)``, numbered from 0 over the whole data set; a group's
+draws are split into *chunks* of at most ``draws_per_forward`` draws, one forward pass each. Draws are seeded by
+the global example index and dropout masks by the global (group, chunk) number, so any batching and any sharding
+sees the same random numbers.
+
+``draw_pass`` runs the forward passes of a range of groups (with layer capture) and yields one ``Chunk`` per
+forward; the caller backpropagates what it needs through ``Chunk.backward`` / ``Chunk.fisher_backward`` and
+receives each layer's ``(input, grad_output)`` calls inside the backward pass. ``Shard`` says which groups a
+process owns and how partial sums meet (``Shard()``: one process, everything, no communication). ``Checkpoint``
+is the one load-compare-save helper of every resumable pass.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .capture import LayerCapture, check_finite
 from .data_iter import iter_batches, num_batches
-from .tasks.base import Rows, Task
+from .storage import load_tensors, save_tensors
+from .tasks.base import Draws, Task
 
 MODEL_MODES = ("eval", "train")
+
+OnLayer = Callable[[str, List[Tuple[torch.Tensor, torch.Tensor]]], None]
 
 
 def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
@@ -50,39 +66,46 @@ def seeded_rng(seed: int, group: int, chunk: int, device: torch.device):
         yield
 
 
-def group_size(batch_size: int, num_draws: int) -> int:
-    return max(1, batch_size // num_draws)
+def check_draws_per_forward(draws_per_forward: int) -> int:
+    if isinstance(draws_per_forward, bool) or int(draws_per_forward) != draws_per_forward or draws_per_forward < 1:
+        raise ValueError(f"draws_per_forward must be a whole number >= 1, got {draws_per_forward!r}")
+    return int(draws_per_forward)
 
 
-def iter_groups(task: Task, data: Any, purpose: str, *, num_draws: int, seed: int, batch_size: int,
-                start: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor, List[Rows]]]:
-    """Yield ``(group_number, example_indices, row_chunks)`` for groups ``start`` to ``stop`` (default: all)."""
-    for g, idx, batch in iter_batches(data, group_size(batch_size, num_draws), start, stop):
-        rows = task.rows(batch, idx, purpose, num_draws=num_draws, seed=seed)
-        yield g, idx, [rows.slice(s, s + batch_size) for s in range(0, len(rows), batch_size)]
+def group_size(draws_per_forward: int, num_draws: int) -> int:
+    """Examples per group."""
+    return max(1, draws_per_forward // num_draws)
 
 
-def total_groups(data: Any, batch_size: int, num_draws: int) -> int:
-    return num_batches(data, group_size(batch_size, num_draws))
+def iter_groups(task: Task, data: Any, purpose: str, *, num_draws: int, seed: int, draws_per_forward: int,
+                start: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[int, torch.Tensor, List[Draws]]]:
+    """Yield ``(group_number, example_indices, chunks)`` for groups ``start`` to ``stop`` (default: all)."""
+    for g, idx, batch in iter_batches(data, group_size(draws_per_forward, num_draws), start, stop):
+        draws = task.draws(batch, idx, purpose, num_draws=num_draws, seed=seed)
+        yield g, idx, [draws.slice(s, s + draws_per_forward) for s in range(0, len(draws), draws_per_forward)]
 
 
-def examples_of_groups(groups: range, num_examples: int, batch_size: int, num_draws: int) -> range:
+def total_groups(data: Any, draws_per_forward: int, num_draws: int) -> int:
+    return num_batches(data, group_size(draws_per_forward, num_draws))
+
+
+def examples_of_groups(groups: range, num_examples: int, draws_per_forward: int, num_draws: int) -> range:
     """The example indices that the example groups ``groups`` cover (clipped to the data)."""
-    size = group_size(batch_size, num_draws)
+    size = group_size(draws_per_forward, num_draws)
     return range(min(num_examples, groups.start * size), min(num_examples, max(groups.start, groups.stop) * size))
 
 
-def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, rows: Rows) -> torch.Tensor:
+def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, draws: Draws) -> torch.Tensor:
     """Forward one chunk with capture on; check the outputs are finite."""
     with capture, torch.enable_grad():
-        out = task.forward(model, rows)
+        out = task.forward(model, draws)
     if not bool(torch.isfinite(out).all()):
         # name the first tracked layer that sees or makes NaN: the capture keeps no outputs, so run the forward
         # again checking each layer as it runs (only on this error path)
         capture.diagnose = True
         try:
             with capture, torch.enable_grad():
-                task.forward(model, rows)
+                task.forward(model, draws)
         finally:
             capture.diagnose = False
         raise FloatingPointError("the model produced NaN or inf outputs for this batch "
@@ -94,35 +117,7 @@ def forward_capture(model: nn.Module, task: Task, capture: LayerCapture, rows: R
     return out
 
 
-def layer_gradients(capture: LayerCapture, f: torch.Tensor, v: torch.Tensor, retain_graph: bool,
-                    on_layer: Optional[Callable[[str, List], None]] = None) -> Optional[Dict[str, List]]:
-    """Output gradients per layer and call: ``{name: [(input, grad_output), ...]}``; or, with ``on_layer``,
-    ``on_layer(name, calls)`` for each layer during the backward pass (nothing returned, nothing kept)."""
-    return capture.gradients(f, v, retain_graph, on_layer=on_layer)
-
-
-def fisher_backprop(capture: LayerCapture, task, f: torch.Tensor, rows: Rows, fisher: str,
-                    on_layer: Callable[[str, List], None]) -> None:
-    """Backpropagate each of ``task``'s Fisher vectors for ``f`` (one graph, retained between them);
-    ``on_layer(name, calls)`` runs per layer inside each backward pass."""
-    vecs = list(task.fisher_vectors(f, rows, fisher))
-    for i, v in enumerate(vecs):
-        layer_gradients(capture, f, v, retain_graph=i + 1 < len(vecs), on_layer=on_layer)
-
-
-def _backward_of_latest(capture: LayerCapture, value: torch.Tensor, weights: torch.Tensor):
-    """``backward(on_layer)`` for the chunk just forwarded; refuses to run once another forward has replaced the
-    capture's records (it would pair this chunk's gradients with that forward's inputs)."""
-    forward = capture.forward_count
-
-    def backward(on_layer):
-        if capture.forward_count != forward:
-            raise RuntimeError("a streamed chunk's backward must run before the next chunk's forward")
-        layer_gradients(capture, value, weights, False, on_layer=on_layer)
-    return backward
-
-
-def checked(name: str, value: torch.Tensor, calls) -> torch.Tensor:
+def finite_layer_sum(name: str, value: torch.Tensor, calls) -> torch.Tensor:
     """Return ``value`` (a per-chunk sum computed from a layer's (input, grad) ``calls``) if it is finite; else
     raise naming the layer and whether its activations or output gradients hold NaN/inf.
 
@@ -136,59 +131,205 @@ def checked(name: str, value: torch.Tensor, calls) -> torch.Tensor:
     raise FloatingPointError(f"layer {name!r}: its curvature or score terms overflowed (finite but huge inputs)")
 
 
-def gradient_chunks(model: nn.Module, task: Task, capture: LayerCapture, data: Any, purpose: str, *,
-                    num_draws: int, seed: int, batch_size: int, progress: bool = False, model_mode: str = "eval",
-                    output: Optional[Callable[[torch.Tensor, Rows], torch.Tensor]] = None, start: int = 0,
-                    stop: Optional[int] = None, desc: Optional[str] = None,
-                    after_group: Optional[Callable[[int], None]] = None, stream: bool = False):
-    """One pass of per-example gradients: yield ``(group, group_indices, rows, {layer: [(input, grad_output)]})``
-    per chunk, where the output gradients are those of ``sum_rows weight * output(f, rows)`` (default: the
-    measurement for queries, the training loss otherwise), over groups ``start`` to ``stop`` (default: the
-    last). ``after_group(groups_done)`` runs after each group. With ``stream`` the last item is instead a
-    function ``backward(on_layer)`` that runs the chunk's backward pass calling ``on_layer(name, calls)`` per
-    layer as its gradients appear (no layer's output gradient outlives its processing)."""
-    device, mdtype = model_device_dtype(model)
-    if output is None:
-        output = task.measurement if purpose == "query" else task.train_loss
-    total = total_groups(data, batch_size, num_draws)
-    stop = total if stop is None else min(int(stop), total)
-    bar = progress_bar(stop, desc or f"{purpose} gradients", progress, initial=start)
-    with use_model_mode(model, model_mode):
-        for g, idx, chunks in iter_groups(task, data, purpose, num_draws=num_draws, seed=seed,
-                                          batch_size=batch_size, start=start, stop=stop):
-            for c, rows in enumerate(chunks):
-                rows = rows.to(device, mdtype)
-                with seeded_rng(seed, g, c, device):
-                    f = forward_capture(model, task, capture, rows)
-                    value = output(f, rows)
-                weights = torch.full_like(value, rows.weight)
-                if stream:
-                    yield g, idx, rows, _backward_of_latest(capture, value, weights)
-                else:
-                    yield g, idx, rows, layer_gradients(capture, value, weights, False)
-            if after_group is not None:
-                after_group(g + 1)
-            bar.update(1)
-    bar.close()
+@dataclass
+class Chunk:
+    """One forward pass of ``draw_pass``: ``group`` (global number), ``examples`` (the group's global example
+    indices), ``draws`` (this chunk's draws, on the model's device) and ``outputs`` f. Its backward passes must
+    run before the next chunk's forward (the capture then holds another forward's inputs)."""
+
+    group: int
+    examples: torch.Tensor
+    draws: Draws
+    outputs: torch.Tensor
+    capture: LayerCapture
+    forward_number: int
+
+    def _check_latest(self) -> None:
+        if self.capture.forward_count != self.forward_number:
+            raise RuntimeError("a streamed chunk's backward must run before the next chunk's forward")
+
+    def backward(self, value: torch.Tensor, on_layer: OnLayer) -> None:
+        """Backpropagate ``sum_draws weight * value`` (``value: (n,)`` per draw, weight 1/M: each example's mean
+        over its draws), calling ``on_layer(name, [(input, grad_output) per call])`` per layer as its output
+        gradient appears (no layer's output gradient outlives its processing)."""
+        self._check_latest()
+        self.capture.gradients(value, torch.full_like(value, self.draws.weight), False, on_layer=on_layer)
+
+    def fisher_backward(self, task: Task, fisher: str, on_layer: OnLayer) -> None:
+        """Backpropagate each of ``task``'s Fisher vectors for this chunk's outputs (one graph, retained between
+        them); ``on_layer`` as in ``backward``, once per vector."""
+        self._check_latest()
+        vecs = list(task.fisher_vectors(self.outputs, self.draws, fisher))
+        for i, v in enumerate(vecs):
+            self.capture.gradients(self.outputs, v, retain_graph=i + 1 < len(vecs), on_layer=on_layer)
 
 
-class Checkpointer:
-    """Saves pass state between groups every ``every`` groups or ``seconds`` seconds (whichever first)."""
+def draw_pass(model: nn.Module, task: Task, capture: LayerCapture, data: Any, purpose: str, *, num_draws: int,
+              seed: int, draws_per_forward: int, groups: Optional[range] = None, start: Optional[int] = None,
+              progress: bool = False, desc: Optional[str] = None, model_mode: str = "eval",
+              after_group: Optional[Callable[[int], None]] = None) -> Iterator[Chunk]:
+    """THE pass loop: forward every chunk of the example groups ``groups`` (default: all) from group ``start``
+    (default: ``groups.start``; a resumed pass gives its next group) and yield a ``Chunk`` per forward.
+    ``after_group(next_group)`` runs once a group's chunks have all been yielded (and handled): the place to
+    update progress and checkpoint."""
+    device, dtype = model_device_dtype(model)
+    total = total_groups(data, draws_per_forward, num_draws)
+    groups = range(0, total) if groups is None else range(groups.start, min(groups.stop, total))
+    first = groups.start if start is None else max(int(start), groups.start)
+    bar = progress_bar(len(groups), desc or f"{purpose} pass", progress, initial=min(len(groups),
+                                                                                      first - groups.start))
+    try:
+        if first >= groups.stop:
+            return
+        with use_model_mode(model, model_mode):
+            for g, idx, chunks in iter_groups(task, data, purpose, num_draws=num_draws, seed=seed,
+                                              draws_per_forward=draws_per_forward, start=first, stop=groups.stop):
+                for c, draws in enumerate(chunks):
+                    draws = draws.to(device, dtype)
+                    with seeded_rng(seed, g, c, device):
+                        f = forward_capture(model, task, capture, draws)
+                    yield Chunk(g, idx, draws, f, capture, capture.forward_count)
+                if after_group is not None:
+                    after_group(g + 1)
+                bar.update(1)
+    finally:
+        bar.close()
 
-    def __init__(self, save: Optional[Callable[[int], None]], every: Optional[int] = None, seconds: float = 60.0):
-        self.save, self.every, self.seconds = save, every, seconds
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of a pass one process does, and how its partial sums meet the other processes'.
+
+    ``Shard()`` is one process: it owns every group and its reductions do nothing. ``Shard.of(group)`` is this
+    process's share in a ``torch.distributed`` process group (``group`` None: the default group, or one process
+    when none is initialised): a contiguous range of example groups (``owned``), sums added across ranks in
+    place (``all_reduce``), and per-rank checkpoint folders ``rank{r}-of-{W}``."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None
+
+    @classmethod
+    def of(cls, group: Any = None) -> "Shard":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(group), dist.get_world_size(group), group)
+        return cls()
+
+    @property
+    def single(self) -> bool:
+        return self.world_size == 1
+
+    def owned(self, num_groups: int) -> range:
+        """Contiguous range of global group numbers for this rank: sizes differ by at most one, lower ranks
+        first."""
+        return shard_groups(num_groups, self.world_size, self.rank)
+
+    def all_reduce(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Sum each tensor across ranks in place (one collective per tensor: no flattened copy of big sums)."""
+        if self.single:
+            return
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> None:
+        """Overwrite each tensor with rank ``src``'s (a rank number within this shard's group)."""
+        if self.single:
+            return
+        root = dist.get_global_rank(self.group, src) if self.group is not None else src
+        for t in tensors:
+            dist.broadcast(t, src=root, group=self.group)
+
+    def first_rank_where(self, flag: bool) -> Optional[int]:
+        """The lowest rank whose ``flag`` is true (every rank must call this), or None."""
+        if self.single:
+            return 0 if flag else None
+        t = torch.tensor([self.rank if flag else self.world_size], dtype=torch.int64,
+                         device=_collective_device(self.group))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        r = int(t.item())
+        return None if r == self.world_size else r
+
+    def checkpoint_dir(self, base: Optional[os.PathLike]) -> Optional[Path]:
+        if base is None:
+            return None
+        return Path(base) if self.single else Path(base) / f"rank{self.rank}-of-{self.world_size}"
+
+
+def _collective_device(group) -> torch.device:
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def shard_groups(num_groups: int, world_size: int, rank: int) -> range:
+    """Contiguous range of global group numbers for ``rank``: sizes differ by at most one, lower ranks first."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    base, extra = divmod(num_groups, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + int(rank < extra))
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint was made from other inputs or settings than the resuming call's; the message names them."""
+
+
+class Checkpoint:
+    """The resumable state file of a pass: ``identity`` (what the state was computed from) is stored with it and
+    compared on load; ``due(next_group)`` says when to save between groups: every ``every`` groups, or
+    ``seconds`` seconds after the last save (whichever first). ``folder`` None: no checkpointing."""
+
+    def __init__(self, folder: Optional[Path], name: str, identity: Dict[str, Any], *,
+                 every: Optional[int] = None, seconds: float = 60.0):
+        self.path = Path(folder) / name if folder is not None else None
+        self.identity = identity
+        self.every, self.seconds = every, seconds
         self._last = time.monotonic()
 
-    def after_group(self, groups_done: int) -> None:
-        if self.save is None:
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def load(self) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+        """``(tensors, header)`` of an existing checkpoint with the same identity; None when there is none;
+        ``CheckpointMismatch`` naming the differing entries otherwise."""
+        if self.path is None or not self.path.exists():
+            return None
+        tensors, saved = load_tensors(self.path)
+        differs = [k for k, v in self.identity.items() if saved.get(k) != _json_like(v)]
+        if differs:
+            detail = "; ".join(f"{k}: {_short(saved.get(k))} in the checkpoint, {_short(self.identity[k])} now"
+                               for k in differs)
+            raise CheckpointMismatch(f"the checkpoint {self.path} was made from other inputs or settings "
+                                     f"({detail}); delete it or use another checkpoint_dir")
+        return tensors, saved
+
+    def save(self, tensors: Dict[str, torch.Tensor], **progress: Any) -> None:
+        if self.path is None:
             return
-        due = (self.every is not None and groups_done % self.every == 0) or \
-            (time.monotonic() - self._last >= self.seconds)
-        if due:
-            self.save(groups_done)
-            self._last = time.monotonic()
+        save_tensors(self.path, tensors, {**self.identity, **progress})
+        self._last = time.monotonic()
+
+    def due(self, next_group: int) -> bool:
+        if self.path is None:
+            return False
+        return (self.every is not None and next_group % self.every == 0) or \
+            time.monotonic() - self._last >= self.seconds
+
+
+def _json_like(v):
+    """``v`` as it reads back from a JSON header (tuples become lists)."""
+    if isinstance(v, (list, tuple)):
+        return [_json_like(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_like(x) for k, x in v.items()}
+    return v
+
+
+def _short(v, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, initial=initial, unit="batch", leave=False)
+    return tqdm(total=total, desc=desc, disable=not enabled, initial=initial, unit="group", leave=False)

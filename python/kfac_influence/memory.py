@@ -1,14 +1,14 @@
 """Memory model of the pipeline (docs/memory.md) and a ``max_memory`` helper that picks draws per forward.
 
-Peak of a stage = fixed bytes (model, curvature sums / factors, query gradients, score matrix) + batch_size *
+Peak of a stage = fixed bytes (model, curvature sums / factors, query gradients, score matrix) + draws_per_forward *
 per-row bytes (the autograd graph of one forward, the captured output gradients of one backpropagated vector, the
 largest layer's transient copies). Per-row activation bytes are measured, not guessed: one forward on two draws
 with ``torch.autograd.graph.saved_tensors_hooks`` counting every distinct tensor autograd keeps (parameters
 excluded), plus the layer inputs the capture holds.
 
-    from kfac_influence.memory import choose_batch_size
-    bs = choose_batch_size(model, task, train[:2], "6GiB", stage="fit")
-    curv = fit_curvature(model, task, train, cfg, batch_size=bs)
+    from kfac_influence.memory import choose_draws_per_forward
+    bs = choose_draws_per_forward(model, task, train[:2], "6GiB", stage="fit")
+    curv = fit_curvature(model, task, train, cfg, draws_per_forward=bs)
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .curvature.config import CurvatureConfig
 from .data_iter import get_batch, num_examples
 from .engine import model_device_dtype, use_model_mode
 
-__all__ = ["Footprint", "MemoryEstimate", "measure_footprint", "estimate", "choose_batch_size", "parse_bytes",
+__all__ = ["Footprint", "MemoryEstimate", "measure_footprint", "estimate", "choose_draws_per_forward", "parse_bytes",
            "STAGES", "SCRATCH_BYTES"]
 
 STAGES = ("fit", "scores")
@@ -76,16 +76,16 @@ class Footprint:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak bytes of one stage: ``fixed + batch_size * per_row + scratch``."""
+    """Peak bytes of one stage: ``fixed + draws_per_forward * per_row + scratch``."""
     stage: str
-    batch_size: int
+    draws_per_forward: int
     fixed: int
     per_row: int
     scratch: int
 
     @property
     def total(self) -> int:
-        return self.fixed + self.batch_size * self.per_row + self.scratch
+        return self.fixed + self.draws_per_forward * self.per_row + self.scratch
 
 
 def _unique_bytes(tensors, exclude) -> int:
@@ -111,7 +111,7 @@ def measure_footprint(model: nn.Module, task, sample: Any, *, config: CurvatureC
     modules = select_layers(model, config.modules, config.exclude)
     capture = LayerCapture(modules)
     idx = torch.arange(min(2, num_examples(sample)))
-    rows = task.rows(get_batch(sample, idx), idx, purpose, num_draws=1, seed=0).to(device, dtype)
+    rows = task.draws(get_batch(sample, idx), idx, purpose, num_draws=1, seed=0).to(device, dtype)
     n = len(rows)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -141,9 +141,9 @@ def out_itemsize(calls, dtype) -> int:
     return calls[0][1].element_size() if calls else torch.empty((), dtype=dtype).element_size()
 
 
-def estimate(fp: Footprint, stage: str, batch_size: int, *, num_queries: int = 0, num_examples: int = 0,
+def estimate(fp: Footprint, stage: str, draws_per_forward: int, *, num_queries: int = 0, num_examples: int = 0,
              int8_queries: bool = False, factor_itemsize: int = 4, fisher_vectors: int = 1) -> MemoryEstimate:
-    """The memory model of docs/memory.md for one stage at ``batch_size`` draws per forward.
+    """The memory model of docs/memory.md for one stage at ``draws_per_forward`` draws per forward.
 
     fit:    fixed = params + 8 * F (float64 sums) + 2 * factor_itemsize * F (factors, eigenbases: output)
             per_row = act + out_grads * fisher_vectors + 2 D * itemsize (f, the vector) + unfold
@@ -156,11 +156,11 @@ def estimate(fp: Footprint, stage: str, batch_size: int, *, num_queries: int = 0
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if draws_per_forward < 1:
+        raise ValueError(f"draws_per_forward must be >= 1, got {draws_per_forward}")
     item = fp.itemsize
     largest = max(di * do for _, di, do, _ in fp.layers) * max(item, 4)
-    scratch = min(SCRATCH_BYTES, batch_size * largest)
+    scratch = min(SCRATCH_BYTES, draws_per_forward * largest)
     if stage == "fit":
         fixed = fp.param_bytes + 8 * fp.factor_numel + 2 * factor_itemsize * fp.factor_numel
         per_row = fp.act_bytes_per_row + fp.out_bytes_per_row * fisher_vectors + 2 * fp.output_numel * item \
@@ -176,14 +176,14 @@ def estimate(fp: Footprint, stage: str, batch_size: int, *, num_queries: int = 0
         fixed = fp.param_bytes + factor_itemsize * fp.factor_numel + max(query_pass, train_pass)
         scratch = max(scratch, min(SCRATCH_BYTES, num_queries * largest))
         per_row = fp.act_bytes_per_row + fp.out_bytes_per_row + fp.output_numel * item + fp.unfold_bytes_per_row
-    return MemoryEstimate(stage, int(batch_size), int(fixed), int(per_row), int(scratch))
+    return MemoryEstimate(stage, int(draws_per_forward), int(fixed), int(per_row), int(scratch))
 
 
-def choose_batch_size(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *, stage: str = "fit",
+def choose_draws_per_forward(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *, stage: str = "fit",
                       config: CurvatureConfig = CurvatureConfig(), num_queries: int = 0, num_examples: int = 0,
                       int8_queries: bool = False, max_batch: int = 4096, headroom: float = 0.9,
                       footprint: Optional[Footprint] = None) -> int:
-    """The largest draws-per-forward ``batch_size`` (<= ``max_batch``) whose estimated peak fits in
+    """The largest draws-per-forward ``draws_per_forward`` (<= ``max_batch``) whose estimated peak fits in
     ``headroom * max_memory``. Raises ``MemoryError`` (with the breakdown) when even 1 does not fit."""
     budget = int(parse_bytes(max_memory) * headroom)
     fp = footprint or measure_footprint(model, task, sample, config=config)

@@ -16,30 +16,36 @@ import kfac_kernels as kk
 
 from ..capture import LayerCapture, calls_as_rows, select_layers
 from ..data_iter import num_examples
-from ..engine import gradient_chunks, model_device_dtype
-from ..tasks.base import Rows, Task
+from ..engine import draw_pass, model_device_dtype
+from ..tasks.base import Draws, Task
 from .projection import KroneckerProjector
 
-OutputFn = Callable[[torch.Tensor, Rows], torch.Tensor]
+OutputFn = Callable[[torch.Tensor, Draws], torch.Tensor]
 
 
 def default_output(task: Task, purpose: str) -> OutputFn:
     return task.measurement if purpose == "query" else task.train_loss
 
 
-def _chunks(model, task, capture, data, *, purpose, num_draws, seed, batch_size, output, progress, model_mode):
-    """Yield ``(group, group_indices, rows, {layer: (a, g)})`` for every chunk: the captured rows of each layer."""
+def _chunks(model, task, capture, data, *, purpose, num_draws, seed, draws_per_forward, output, progress,
+            model_mode):
+    """Yield ``(group, group_indices, draws, {layer: (a, g)})`` for every chunk: the captured rows of each
+    layer, gathered from one backward pass."""
     m = int(num_draws or task.num_draws(purpose))
     seed = task.seed if seed is None else int(seed)
-    for g, idx, rows, grads in gradient_chunks(model, task, capture, data, purpose, num_draws=m, seed=seed,
-                                               batch_size=batch_size, progress=progress, model_mode=model_mode,
-                                               output=output or default_output(task, purpose)):
-        yield g, idx, rows, {n: calls_as_rows(capture.specs[n], calls) for n, calls in grads.items()}
+    output = output or default_output(task, purpose)
+    for chunk in draw_pass(model, task, capture, data, purpose, num_draws=m, seed=seed,
+                           draws_per_forward=draws_per_forward, progress=progress, model_mode=model_mode,
+                           desc=f"{purpose} gradients"):
+        ag = {}
+        chunk.backward(output(chunk.outputs, chunk.draws),
+                       lambda name, calls: ag.__setitem__(name, calls_as_rows(capture.specs[name], calls)))
+        yield chunk.group, chunk.examples, chunk.draws, ag
 
 
 def projected_gradients(model: nn.Module, task: Task, data: Any, projector: KroneckerProjector, *,
                         purpose: str = "train", num_draws: Optional[int] = None, seed: Optional[int] = None,
-                        batch_size: int = 64, output: Optional[OutputFn] = None, progress: bool = False,
+                        draws_per_forward: int = 64, output: Optional[OutputFn] = None, progress: bool = False,
                         model_mode: str = "eval") -> torch.Tensor:
     """``(N, projector.dim)`` float32: ``sum_r (P_out g_r)(P_in a_r')^T`` per row, times the row weight 1/M,
     summed into its example. Neither per-example nor per-row full gradients are formed."""
@@ -51,7 +57,7 @@ def projected_gradients(model: nn.Module, task: Task, data: Any, projector: Kron
     device, mdtype = model_device_dtype(model)
     out = torch.zeros(num_examples(data), projector.dim, dtype=torch.float64, device=device)
     for _, _, rows, ag in _chunks(model, task, capture, data, purpose=purpose, num_draws=num_draws, seed=seed,
-                                  batch_size=batch_size, output=output, progress=progress, model_mode=model_mode):
+                                  draws_per_forward=draws_per_forward, output=output, progress=progress, model_mode=model_mode):
         idx = rows.example.to(device)
         for name, (a, g) in ag.items():
             lo, hi = projector.offsets[name]
@@ -61,15 +67,15 @@ def projected_gradients(model: nn.Module, task: Task, data: Any, projector: Kron
 
 def iter_example_gradients(model: nn.Module, task: Task, modules: Mapping[str, nn.Module], data: Any, *,
                            purpose: str = "train", num_draws: Optional[int] = None, seed: Optional[int] = None,
-                           batch_size: int = 64, output: Optional[OutputFn] = None, progress: bool = False,
+                           draws_per_forward: int = 64, output: Optional[OutputFn] = None, progress: bool = False,
                            model_mode: str = "eval") -> Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
-    """Yield ``(indices (B,), {layer: (B, d_out, d_in')})`` one group of examples at a time (B = batch_size // M
+    """Yield ``(indices (B,), {layer: (B, d_out, d_in')})`` one group of examples at a time (B = draws_per_forward // M
     examples): exact per-example gradients, held for one group only."""
     capture = LayerCapture(dict(modules))
     device, mdtype = model_device_dtype(model)
     cur_g, cur_idx, acc = None, None, None
     for g, idx, rows, ag in _chunks(model, task, capture, data, purpose=purpose, num_draws=num_draws, seed=seed,
-                                    batch_size=batch_size, output=output, progress=progress,
+                                    draws_per_forward=draws_per_forward, output=output, progress=progress,
                                     model_mode=model_mode):
         if g != cur_g:
             if acc is not None:

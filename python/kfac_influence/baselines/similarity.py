@@ -20,17 +20,17 @@ from .gradients import iter_example_gradients
 
 
 def gradient_similarity(model: nn.Module, task: Task, queries: Any, train: Any, *, cosine: bool = False,
-                        modules: Optional[Sequence[str]] = None, batch_size: int = 64,
+                        modules: Optional[Sequence[str]] = None, draws_per_forward: int = 64,
                         progress: bool = False) -> torch.Tensor:
     """``(Q, N)``: ``<grad m_q, grad l_n>`` or their cosine (float64 accumulation, float32 result)."""
     mods = select_layers(model, modules)
-    qg = example_gradients(model, task, mods, queries, purpose="query", batch_size=batch_size)
+    qg = example_gradients(model, task, mods, queries, purpose="query", draws_per_forward=draws_per_forward)
     qg = {k: v.double() for k, v in qg.items()}
     q = next(iter(qg.values())).shape[0]
     n = num_examples(train)
     dots = torch.zeros(q, n, dtype=torch.float64)
     norms = torch.zeros(n, dtype=torch.float64)
-    for idx, grads in iter_example_gradients(model, task, mods, train, purpose="train", batch_size=batch_size,
+    for idx, grads in iter_example_gradients(model, task, mods, train, purpose="train", draws_per_forward=draws_per_forward,
                                              progress=progress):
         for name, v in grads.items():
             v = v.double().flatten(1)
@@ -43,14 +43,14 @@ def gradient_similarity(model: nn.Module, task: Task, queries: Any, train: Any, 
 
 
 def tracin_scores(checkpoints: Sequence[Tuple[nn.Module, float]], task: Task, queries: Any, train: Any, *,
-                  modules: Optional[Sequence[str]] = None, batch_size: int = 64,
+                  modules: Optional[Sequence[str]] = None, draws_per_forward: int = 64,
                   progress: bool = False) -> torch.Tensor:
     """TracIn-CP: ``sum_c eta_c <grad m_q(theta_c), grad l_n(theta_c)>`` over ``(model, eta)`` checkpoints."""
     if not checkpoints:
         raise ValueError("TracIn needs at least one (model, learning_rate) checkpoint")
     total = None
     for model, eta in checkpoints:
-        s = gradient_similarity(model, task, queries, train, modules=modules, batch_size=batch_size,
+        s = gradient_similarity(model, task, queries, train, modules=modules, draws_per_forward=draws_per_forward,
                                 progress=progress).double() * float(eta)
         total = s if total is None else total + s
     return total.float()

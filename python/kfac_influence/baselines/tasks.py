@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..tasks.base import MSETask, Rows
+from ..tasks.base import MSETask, Draws
 from ..tasks.diffusion import DiffusionTask
 
 OUTPUTS = ("loss", "square_norm")
@@ -31,7 +31,7 @@ class FixedTimestepTask(DiffusionTask):
     def _timesteps(self, purpose: str, m: int, gen: torch.Generator) -> torch.Tensor:
         return self.fixed_timesteps[torch.arange(m) % self.fixed_timesteps.numel()]
 
-    def train_loss(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def train_loss(self, outputs: torch.Tensor, rows: Draws) -> torch.Tensor:
         if self.output == "square_norm":
             return outputs.pow(2).flatten(1).mean(dim=1)
         return super().train_loss(outputs, rows)
@@ -55,7 +55,7 @@ class TrajectoryStepTask(MSETask):
     def num_draws(self, purpose: str) -> int:
         return 1
 
-    def rows(self, batch, indices, purpose, *, num_draws, seed):
+    def draws(self, batch, indices, purpose, *, num_draws, seed):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise ValueError("TrajectoryStepTask expects batches of (x_t, x_0)")
         xt, x0 = batch
@@ -65,7 +65,7 @@ class TrajectoryStepTask(MSETask):
         rep = lambda v: v.repeat_interleave(m, dim=0)  # noqa: E731
         data = {"x_t": rep(xt), "target": rep(eps.to(xt.dtype)),
                 "t": torch.full((len(indices) * m,), self.timestep, dtype=torch.long)}
-        return Rows(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
+        return Draws(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
 
     def forward(self, model, rows):
         return self._base.forward(model, rows)

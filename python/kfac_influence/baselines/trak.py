@@ -22,13 +22,12 @@ import torch
 import torch.nn as nn
 
 from ..capture import LayerCapture, select_layers
+from ..curvature.damping import DAMPING_MODES
 from ..tasks.base import Task
 from ..tasks.diffusion import DiffusionTask
 from .gradients import projected_gradients
 from .projection import KroneckerProjector, ProjectionConfig
 from .tasks import FixedTimestepTask, TrajectoryStepTask
-
-DAMPING_MODES = ("relative", "absolute")
 
 
 @dataclass(frozen=True)
@@ -65,13 +64,13 @@ def kernel_scores(psi: torch.Tensor, phi: torch.Tensor, damping: float, mode: st
 
 
 def trak_scores(model: nn.Module, task: Task, queries: Any, train: Any, config: TRAKConfig = TRAKConfig(), *,
-                batch_size: int = 64, progress: bool = False, train_output=None, query_output=None,
+                draws_per_forward: int = 64, progress: bool = False, train_output=None, query_output=None,
                 return_features: bool = False):
     """TRAK scores ``(Q, N)`` with ``task``'s training loss (train side) and measurement (query side)."""
     proj = make_projector(model, config)
-    phi = projected_gradients(model, task, train, proj, purpose="train", batch_size=batch_size,
+    phi = projected_gradients(model, task, train, proj, purpose="train", draws_per_forward=draws_per_forward,
                               output=train_output, progress=progress)
-    psi = projected_gradients(model, task, queries, proj, purpose="query", batch_size=batch_size,
+    psi = projected_gradients(model, task, queries, proj, purpose="query", draws_per_forward=draws_per_forward,
                               output=query_output, progress=progress)
     s = kernel_scores(psi, phi, config.damping, config.damping_mode)
     return (s, phi, psi) if return_features else s
@@ -83,18 +82,18 @@ def dtrak_timesteps(num_timesteps: int, T: int) -> list:
 
 
 def dtrak_scores(model: nn.Module, scheduler, queries: Any, train: Any, config: TRAKConfig = TRAKConfig(), *,
-                 num_timesteps: int = 10, seed: int = 0, batch_size: int = 64, progress: bool = False):
+                 num_timesteps: int = 10, seed: int = 0, draws_per_forward: int = 64, progress: bool = False):
     """D-TRAK scores ``(Q, N)``: square-norm output on both sides at ``num_timesteps`` fixed timesteps."""
     T = DiffusionTask(scheduler, num_train_draws=1, num_query_draws=1).T
     ts = dtrak_timesteps(num_timesteps, T)
     task = FixedTimestepTask(scheduler, ts, output="square_norm", num_train_draws=len(ts),
                              num_query_draws=len(ts), measurement="square_norm", seed=seed)
-    return trak_scores(model, task, queries, train, config, batch_size=batch_size, progress=progress)
+    return trak_scores(model, task, queries, train, config, draws_per_forward=draws_per_forward, progress=progress)
 
 
 def journey_trak_scores(model: nn.Module, scheduler, trajectory: torch.Tensor, timesteps: torch.Tensor, train: Any,
                         config: TRAKConfig = TRAKConfig(), *, steps: Optional[Sequence[int]] = None,
-                        num_steps: int = 10, num_train_draws: int = 4, seed: int = 0, batch_size: int = 64,
+                        num_steps: int = 10, num_train_draws: int = 4, seed: int = 0, draws_per_forward: int = 64,
                         progress: bool = False) -> torch.Tensor:
     """Journey-TRAK scores ``(Q, N)`` averaged over sampling steps.
 
@@ -114,10 +113,10 @@ def journey_trak_scores(model: nn.Module, scheduler, trajectory: torch.Tensor, t
         t = int(timesteps[i])
         qtask = TrajectoryStepTask(scheduler, t)
         ttask = FixedTimestepTask(scheduler, [t], num_train_draws=num_train_draws, num_query_draws=1, seed=seed)
-        phi = projected_gradients(model, ttask, train, proj, purpose="train", batch_size=batch_size,
+        phi = projected_gradients(model, ttask, train, proj, purpose="train", draws_per_forward=draws_per_forward,
                                   progress=progress)
         psi = projected_gradients(model, qtask, (trajectory[:, i], x0), proj, purpose="query",
-                                  batch_size=batch_size, progress=progress)
+                                  draws_per_forward=draws_per_forward, progress=progress)
         s = kernel_scores(psi, phi, config.damping, config.damping_mode)
         total = s if total is None else total + s
     return total / len(steps)

@@ -1,4 +1,4 @@
-"""CurvatureConfig: how the (E)K-FAC approximation of the GGN is fitted."""
+"""CurvatureConfig: how the (E)K-FAC approximation of the GGN is fitted (damping is a scoring choice: damping.py)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -9,7 +9,7 @@ import torch
 METHODS = ("ekfac", "kfac")
 APPROXES = ("expand", "reduce")
 FISHERS = ("mc", "empirical", "type2")
-DAMPING_MODES = ("absolute", "relative")
+LEGACY_DAMPING_KEYS = ("damping", "damping_mode")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -21,7 +21,6 @@ class CurvatureConfig:
     fisher: "mc" (one MC sample per draw; the paper's GGN^model), "empirical" (true loss gradient) or "type2"
         (exact, D backward passes per draw; small models and tests).
     num_draws: (t, eps) draws per training example for fitting (None: the task's train default).
-    damping: lambda (absolute), or rho with lambda = rho * mean(Lambda) per layer (relative).
     dtype: dtype of the stored factors and of preconditioning (sums are accumulated and eigendecomposed in float64).
     modules / exclude: fnmatch patterns of layer names to track (None: every Linear and Conv2d).
     seed: seeds the curvature draws (t, eps, MC vectors).
@@ -30,8 +29,6 @@ class CurvatureConfig:
     approx: str = "expand"
     fisher: str = "mc"
     num_draws: Optional[int] = None
-    damping: float = 1e-8
-    damping_mode: str = "absolute"
     dtype: torch.dtype = torch.float32
     modules: Optional[Tuple[str, ...]] = None
     exclude: Tuple[str, ...] = ()
@@ -39,8 +36,7 @@ class CurvatureConfig:
 
     def __post_init__(self):
         for field, value, allowed in (("method", self.method, METHODS), ("approx", self.approx, APPROXES),
-                                      ("fisher", self.fisher, FISHERS),
-                                      ("damping_mode", self.damping_mode, DAMPING_MODES)):
+                                      ("fisher", self.fisher, FISHERS)):
             if value not in allowed:
                 raise ValueError(f"CurvatureConfig.{field} must be one of {allowed}, got {value!r}")
         if isinstance(self.dtype, str):
@@ -51,8 +47,6 @@ class CurvatureConfig:
             raise ValueError(f"CurvatureConfig.dtype must be float32 or float64, got {self.dtype}")
         if self.num_draws is not None and int(self.num_draws) < 1:
             raise ValueError(f"CurvatureConfig.num_draws must be >= 1, got {self.num_draws}")
-        if not (self.damping >= 0) or self.damping != self.damping or self.damping == float("inf"):
-            raise ValueError(f"CurvatureConfig.damping must be finite and >= 0, got {self.damping}")
         if isinstance(self.modules, str) or isinstance(self.exclude, str):
             raise TypeError("modules / exclude take a sequence of patterns, not a single string")
         if self.modules is not None:
@@ -68,7 +62,9 @@ class CurvatureConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CurvatureConfig":
-        d = dict(d)
+        """Inverse of ``to_dict``. Damping keys of files written before damping moved to scoring are ignored
+        here (``load_curvature`` keeps them as the curvature's default damping)."""
+        d = {k: v for k, v in d.items() if k not in LEGACY_DAMPING_KEYS}
         d["modules"] = tuple(d["modules"]) if d.get("modules") is not None else None
         d["exclude"] = tuple(d.get("exclude", ()))
         return cls(**d)

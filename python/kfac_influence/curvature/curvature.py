@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -11,10 +11,10 @@ import torch.nn as nn
 import kfac_kernels as kk
 
 from ..capture import LayerSpec, layer_spec, select_layers
+from ..identity import tensors_fingerprint
 from ..storage import load_tensors, model_fingerprint, save_tensors
 from .config import CurvatureConfig
-
-FACTOR_KEYS = ("A", "G", "QA", "QG", "sA", "sG", "Lambda")
+from .damping import Damping
 
 
 def tracked_parameters(modules: Mapping[str, nn.Module]):
@@ -28,17 +28,30 @@ class Curvature:
 
     Per layer: ``A (d_in', d_in')`` (bias = last coordinate), ``G (d_out, d_out)``, eigenbases ``QA, QG`` with
     eigenvalues ``sA, sG``, and ``Lambda (d_out, d_in')`` (EK-FAC corrected, or ``sG sA^T`` for K-FAC).
+
+    Damping is chosen when preconditioning (``damping=`` / ``damping_mode=``); ``default_damping`` applies when
+    none is given (``Damping()``, or the damping stored by an older version in a loaded file).
     """
 
     def __init__(self, config: CurvatureConfig, specs: Dict[str, LayerSpec], factors: Dict[str, Dict[str, torch.Tensor]],
-                 fingerprint: Dict[str, str], num_examples: int, num_draws: int):
+                 fingerprint: Dict[str, str], num_examples: int, num_draws: int,
+                 default_damping: Damping = Damping()):
         self.config = config
+        self.default_damping = default_damping
         self.specs = dict(specs)
         self.factors = factors
         self.fingerprint = fingerprint
         self.num_examples = int(num_examples)
         self.num_draws = int(num_draws)
         self._device_cache: Dict = {}
+        self._values_fp: Optional[str] = None
+
+    def values_fingerprint(self) -> str:
+        """Fingerprint of the configuration and every factor's values (cached: factors are not changed in place
+        by this library)."""
+        if self._values_fp is None:
+            self._values_fp = tensors_fingerprint([self.config.to_dict(), {n: self.factors[n] for n in self.specs}])
+        return self._values_fp
 
     @property
     def module_names(self):
@@ -63,13 +76,19 @@ class Curvature:
         """``(Q_A, Q_G)``."""
         return self._get(name, "QA"), self._get(name, "QG")
 
-    def damping(self, name: str) -> float:
-        """Absolute lambda for a layer (relative mode: rho * mean(Lambda))."""
-        if self.config.damping_mode == "relative":
-            return float(self.config.damping * self.eigenvalues(name).double().mean())
-        return float(self.config.damping)
+    def resolve_damping(self, damping: Optional[float] = None, damping_mode: Optional[str] = None) -> Damping:
+        """The ``Damping`` of a scoring call: ``default_damping`` with the given value / mode replaced."""
+        if isinstance(damping, Damping):
+            if damping_mode is not None:
+                raise ValueError("pass damping_mode inside the Damping, not beside it")
+            return damping
+        return self.default_damping.with_overrides(damping, damping_mode)
 
-    def on(self, name: str, device: torch.device, dtype: torch.dtype):
+    def layer_damping(self, name: str, damping: Damping) -> float:
+        """Absolute lambda of layer ``name`` under ``damping`` (relative mode: rho * mean(Lambda))."""
+        return damping.for_layer(self.eigenvalues(name))
+
+    def device_factors(self, name: str, device: torch.device, dtype: torch.dtype):
         """(Q_A, Q_G, Lambda) on a device and dtype, cached."""
         key = (name, str(device), dtype)
         if key not in self._device_cache:
@@ -77,8 +96,11 @@ class Curvature:
                                             for k in ("QA", "QG", "Lambda"))
         return self._device_cache[key]
 
-    def precondition(self, grads: Mapping[str, torch.Tensor], *, backend=None) -> Dict[str, torch.Tensor]:
-        """``(G_hat + lambda I)^-1`` applied per layer to ``grads[name]: (Q, d_out, d_in')``."""
+    def precondition(self, grads: Mapping[str, torch.Tensor], *, damping: Optional[float] = None,
+                     damping_mode: Optional[str] = None, backend=None) -> Dict[str, torch.Tensor]:
+        """``(G_hat + lambda I)^-1`` applied per layer to ``grads[name]: (Q, d_out, d_in')``; ``damping`` /
+        ``damping_mode`` as in ``resolve_damping``."""
+        damp = self.resolve_damping(damping, damping_mode)
         out = {}
         for name, v in grads.items():
             spec = self.specs.get(name)
@@ -86,8 +108,9 @@ class Curvature:
                 raise KeyError(f"gradient for untracked layer {name!r}")
             if tuple(v.shape[1:]) != spec.grad_shape:
                 raise ValueError(f"layer {name!r}: gradient shape {tuple(v.shape[1:])}, expected {spec.grad_shape}")
-            qa, qg, lam = self.on(name, v.device, self.config.dtype)
-            out[name] = kk.precondition(v.to(self.config.dtype), qa, qg, lam, self.damping(name), backend=backend)
+            qa, qg, lam = self.device_factors(name, v.device, self.config.dtype)
+            out[name] = kk.precondition(v.to(self.config.dtype), qa, qg, lam, self.layer_damping(name, damp),
+                                        backend=backend)
         return out
 
     def check_model(self, model: nn.Module, *, check_values: bool = True) -> Dict[str, nn.Module]:
@@ -137,8 +160,12 @@ def load_curvature(path: os.PathLike, model: nn.Module = None, *, check_values: 
         name, k = key.rsplit("::", 1)
         factors.setdefault(name, {})[k] = t
     specs = {n: _spec_from_dict(s) for n, s in header["specs"].items()}
-    curv = Curvature(CurvatureConfig.from_dict(header["config"]), specs, {n: factors[n] for n in specs},
-                     header["fingerprint"], header["num_examples"], header["num_draws"])
+    stored = header["config"]
+    # files written before damping moved to scoring time keep their damping as the default
+    default = Damping(stored["damping"], stored.get("damping_mode", "absolute")) \
+        if "damping" in stored else Damping()
+    curv = Curvature(CurvatureConfig.from_dict(stored), specs, {n: factors[n] for n in specs},
+                     header["fingerprint"], header["num_examples"], header["num_draws"], default_damping=default)
     if model is not None:
         curv.check_model(model, check_values=check_values)
     return curv

@@ -7,7 +7,6 @@ sum_r g g^T; reduce: a = mean_r a_r, g = sum_r g_r, both averaged over (n, draw)
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -18,9 +17,10 @@ import kfac_kernels as kk
 from ..capture import (LayerCapture, LayerSpec, calls_as_rows, grads_as_rows, inputs_as_rows, joined_rows,
                        select_layers)
 from ..data_iter import num_examples
-from ..engine import (Checkpointer, checked, fisher_backprop, forward_capture, iter_groups, model_device_dtype,
-                      progress_bar, seeded_rng, total_groups, use_model_mode)
-from ..storage import load_tensors, model_fingerprint, save_tensors
+from ..engine import (Checkpoint, Shard, check_draws_per_forward, draw_pass, finite_layer_sum, model_device_dtype,
+                      total_groups)
+from ..identity import data_fingerprint
+from ..storage import model_fingerprint
 from ..tasks.base import Task
 from .config import CurvatureConfig
 from .curvature import Curvature, tracked_parameters
@@ -51,66 +51,53 @@ def output_covariance(spec: LayerSpec, calls, approx: str) -> torch.Tensor:
 
 
 class _FitState:
-    """Accumulators of a fit in progress; saved to / restored from ``checkpoint_dir``.
+    """Accumulators of a fit in progress on one process; saved to / restored from its checkpoint.
 
-    Stage "factors": float64 sums of A and G. Once pass 1 is done (``finish_factors``) those sums give way to the
-    per-layer results of the factors stage (``results``: means of A and G and their eigenvalues and eigenvectors),
-    which a checkpoint then carries, so a resumed eigenvalue pass uses the very bases it started with and the
-    pass holds no float64 copy of A or G. Stage "eigen" adds the float64 sums of the EK-FAC eigenvalues."""
+    Stage "factors": float64 sums of A and G over this process's groups. Once pass 1 is done (``finish_factors``)
+    those sums give way to the per-layer results of the factors stage (``results``: means of A and G and their
+    eigenvalues and eigenvectors, equal on every rank), which a checkpoint then carries, so a resumed eigenvalue
+    pass uses the very bases it started with and the pass holds no float64 copy of A or G. Stage "eigen" adds
+    the float64 sums of the EK-FAC eigenvalues (this process's share; reduced on copies at the end).
+    ``next_group``: the first global example group not yet processed in the current stage."""
 
-    def __init__(self, specs: Dict[str, LayerSpec], device: torch.device):
+    def __init__(self, specs: Dict[str, LayerSpec], device: torch.device, next_group: int):
         self.stage = "factors"
-        self.groups_done = 0
+        self.next_group = next_group
         self.sums: Dict[str, torch.Tensor] = {}
         self.results: Dict[str, torch.Tensor] = {}
-        self.counts: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {"draws": 0}
         for n, s in specs.items():
             self.sums[f"{n}::A"] = torch.zeros(s.d_in_total, s.d_in_total, dtype=torch.float64, device=device)
             self.sums[f"{n}::G"] = torch.zeros(s.d_out, s.d_out, dtype=torch.float64, device=device)
             self.counts[f"{n}::A"] = 0
-        self.counts["draws"] = 0
 
     def finish_factors(self, results: Dict[str, torch.Tensor], specs: Dict[str, LayerSpec], device: torch.device,
-                       eigen_pass: bool) -> None:
+                       eigen_pass: bool, first_group: int) -> None:
         """Replace the sums of A and G by ``results``; enter the eigenvalue pass (``eigen_pass``) or finish."""
         self.results = results
         self.sums = {}
-        self.stage, self.groups_done = ("eigen" if eigen_pass else "done"), 0
+        self.stage, self.next_group = ("eigen" if eigen_pass else "done"), first_group
         if eigen_pass:
             for n, s in specs.items():
                 self.sums[f"{n}::Lambda"] = torch.zeros(s.d_out, s.d_in_total, dtype=torch.float64, device=device)
             self.counts["eigen_draws"] = 0
 
-    def save(self, path: Path, header: dict) -> None:
-        tensors = {**self.sums, **{f"{RESULT}{k}": v for k, v in self.results.items()}}
-        save_tensors(path, tensors, {**header, "stage": self.stage, "groups_done": self.groups_done,
-                                     "counts": self.counts})
+    def save(self, checkpoint: Checkpoint) -> None:
+        checkpoint.save({**self.sums, **{f"{RESULT}{k}": v for k, v in self.results.items()}},
+                        stage=self.stage, next_group=self.next_group, counts=self.counts)
 
     @classmethod
-    def load(cls, path: Path, header: dict, specs, device) -> "_FitState":
-        tensors, saved = load_tensors(path)
-        for key in ("config", "fingerprint", "num_examples", "batch_size", "num_draws", "task", "model_dtype"):
-            if saved.get(key) != header.get(key):
-                raise ValueError(f"the checkpoint {path} was made with a different {key} "
-                                 f"({saved.get(key)!r} vs {header.get(key)!r}); delete it or use another "
-                                 "checkpoint_dir")
-        st = cls(specs, device)
-        st.stage, st.groups_done, st.counts = saved["stage"], saved["groups_done"], saved["counts"]
+    def restore(cls, loaded, specs, device) -> "_FitState":
+        tensors, saved = loaded
+        st = cls(specs, device, 0)
+        st.stage, st.next_group, st.counts = saved["stage"], int(saved["next_group"]), saved["counts"]
         st.sums = {k: v.to(device) for k, v in tensors.items() if not k.startswith(RESULT)}
         st.results = {k[len(RESULT):]: v.to(device) for k, v in tensors.items() if k.startswith(RESULT)}
-        if st.stage != "factors" and not st.results:
-            raise ValueError(f"the checkpoint {path} was written by an older version of kfac_influence (no "
-                             "factor results past the first pass); delete it or use another checkpoint_dir")
         return st
 
 
 RESULT = "result::"  # checkpoint key prefix of the factors stage's results
-
-
-def mean_factor(state: "_FitState", name: str, which: str) -> torch.Tensor:
-    """A (sum over input rows / their count) or G (sum / number of draws), float64, from pass 1's sums."""
-    count = state.counts[f"{name}::A"] if which == "A" else state.counts["draws"]
-    return state.sums[f"{name}::{which}"] / max(1, count)
+STATE_VERSION = 2  # checkpoints of other layouts are refused by their identity
 
 
 def _eig(mat: torch.Tensor):
@@ -118,42 +105,100 @@ def _eig(mat: torch.Tensor):
     return s.clamp_min(0), q
 
 
-def _factor_results(state: "_FitState", specs: Dict[str, LayerSpec], config: CurvatureConfig,
-                    model_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """Per layer ``{name}::{k}``: A, G (means), QA, QG (eigenvectors from float64 eigh) in ``config.dtype``;
-    sA, sG (eigenvalues, float64); for EK-FAC with a model dtype other than ``config.dtype``, QA_pass and QG_pass:
-    the eigenvalue pass's bases, rounded from float64 to the model dtype. Each layer's float64 sums are dropped
-    as soon as its results exist (no second float64 copy of A or G)."""
+def _result_layout(spec: LayerSpec, config: CurvatureConfig, model_dtype: torch.dtype) -> Dict[str, tuple]:
+    """``{key: (shape, dtype)}`` of one layer's factor results (see ``_layer_results``)."""
     out = {}
-    for nm in specs:
-        for which in ("A", "G"):
-            mean = mean_factor(state, nm, which)
-            s, q = _eig(mean)
-            out[f"{nm}::{which}"] = mean.to(config.dtype)
-            out[f"{nm}::s{which}"] = s
-            # contiguous (eigh's are column-major), as a checkpoint loads them: a resumed pass then multiplies by
-            # the same layout and rounds the same way
-            out[f"{nm}::Q{which}"] = q.to(config.dtype).contiguous()
-            if config.method == "ekfac" and model_dtype != config.dtype:
-                out[f"{nm}::Q{which}_pass"] = q.to(model_dtype).contiguous()
-            del state.sums[f"{nm}::{which}"], mean, q
+    for which, d in (("A", spec.d_in_total), ("G", spec.d_out)):
+        out[which] = ((d, d), config.dtype)
+        out[f"s{which}"] = ((d,), torch.float64)
+        out[f"Q{which}"] = ((d, d), config.dtype)
+        if config.method == "ekfac" and model_dtype != config.dtype:
+            out[f"Q{which}_pass"] = ((d, d), model_dtype)
     return out
 
 
+def _layer_results(sum_a: torch.Tensor, count_a: int, sum_g: torch.Tensor, draws: int, config: CurvatureConfig,
+                   model_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """One layer's factor results from its float64 sums: A (sum over input rows / their count) and G (sum /
+    number of draws) in ``config.dtype``; QA, QG (eigenvectors from float64 eigh, contiguous) in
+    ``config.dtype``; sA, sG (eigenvalues, float64); for EK-FAC with a model dtype other than ``config.dtype``,
+    QA_pass and QG_pass: the eigenvalue pass's bases, rounded from float64 to the model dtype."""
+    out = {}
+    for which, total, count in (("A", sum_a, count_a), ("G", sum_g, draws)):
+        mean = total / max(1, count)
+        s, q = _eig(mean)
+        out[which] = mean.to(config.dtype)
+        out[f"s{which}"] = s
+        # contiguous (eigh's are column-major), as a checkpoint loads them: a resumed pass then multiplies by
+        # the same layout and rounds the same way
+        out[f"Q{which}"] = q.to(config.dtype).contiguous()
+        if config.method == "ekfac" and model_dtype != config.dtype:
+            out[f"Q{which}_pass"] = q.to(model_dtype).contiguous()
+    return out
+
+
+def _finish_factors(state: _FitState, specs: Dict[str, LayerSpec], config: CurvatureConfig,
+                    model_dtype: torch.dtype, device: torch.device, shard: Shard, first_group: int) -> bool:
+    """After pass 1, on every rank: the factor results, equal on every rank, replace the sums of A and G.
+    Returns whether this rank's state changed (it was still in the factors stage).
+
+    Normally the sums and counts are added across ranks and layer i is eigendecomposed by rank i % W, which
+    broadcasts its results (one process: all layers here, nothing sent). A rank that already holds results
+    (it saved them before an interruption that caught another rank earlier) sends them to all instead: the
+    other ranks' partial sums may be gone."""
+    had = state.stage != "factors"
+    holder = shard.first_rank_where(had)
+    names = list(specs)
+    if holder is not None:
+        if not had:
+            state.results = {f"{nm}::{k}": torch.empty(shape, dtype=dt, device=device)
+                             for nm in names for k, (shape, dt) in _result_layout(specs[nm], config,
+                                                                                 model_dtype).items()}
+        shard.broadcast([state.results[k] for k in sorted(state.results)], holder)
+        results = state.results
+    else:
+        keys = sorted(state.counts)
+        counts = torch.tensor([float(state.counts[k]) for k in keys], dtype=torch.float64, device=device)
+        shard.all_reduce([counts])
+        total = dict(zip(keys, (int(c) for c in counts.tolist())))
+        results = {}
+        for i, nm in enumerate(names):
+            sum_a, sum_g = state.sums.pop(f"{nm}::A"), state.sums.pop(f"{nm}::G")
+            shard.all_reduce([sum_a, sum_g])
+            owner = i % shard.world_size
+            if owner == shard.rank:
+                layer = _layer_results(sum_a, total[f"{nm}::A"], sum_g, total["draws"], config, model_dtype)
+            else:
+                layer = {k: torch.empty(shape, dtype=dt, device=device)
+                         for k, (shape, dt) in _result_layout(specs[nm], config, model_dtype).items()}
+            del sum_a, sum_g  # each layer's float64 sums go as soon as its results exist
+            shard.broadcast([layer[k] for k in sorted(layer)], owner)
+            results.update({f"{nm}::{k}": v for k, v in layer.items()})
+    if not had:
+        state.finish_factors(results, specs, device, eigen_pass=config.method == "ekfac", first_group=first_group)
+    return not had
+
+
 def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConfig = CurvatureConfig(), *,
-                  batch_size: int = 32, checkpoint_dir: Optional[os.PathLike] = None, progress: bool = True,
-                  model_mode: str = "eval", checkpoint_every: Optional[int] = None) -> Curvature:
+                  draws_per_forward: int = 32, checkpoint_dir: Optional[os.PathLike] = None, progress: bool = True,
+                  model_mode: str = "eval", checkpoint_every: Optional[int] = None,
+                  shard: Shard = Shard()) -> Curvature:
     """Fit (E)K-FAC curvature of ``task``'s training loss on ``data``.
 
     Args:
-        batch_size: draws (rows) per forward pass.
+        draws_per_forward: draws per forward pass (examples per group: ``max(1, draws_per_forward // M)``).
         checkpoint_dir: folder for resumable state; an interrupted fit resumed with it gives the same factors.
+            The state records what it was computed from (model weights, data, settings); a fit with other
+            inputs refuses it (``engine.CheckpointMismatch``) instead of resuming.
         model_mode: "eval" (dropout off, default) or "train" (dropout on, masks seeded per chunk); use the same
             mode for scoring.
         checkpoint_every: save every this many groups of examples (default: every 60 s).
+        shard: this process's share of the data (``kfac_influence.distributed.fit_curvature`` passes it); the
+            result is the same on every rank and equals one process's up to float64 summation order.
     """
     if not isinstance(config, CurvatureConfig):
         raise TypeError("config must be a CurvatureConfig")
+    draws_per_forward = check_draws_per_forward(draws_per_forward)
     device, dtype = model_device_dtype(model)
     modules = select_layers(model, config.modules, config.exclude)
     capture = LayerCapture(modules)
@@ -162,77 +207,74 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
     if n == 0:
         raise ValueError("the training data is empty")
     m = int(config.num_draws or task.num_draws("train"))
-    header = {"kind": "fit_state", "config": config.to_dict(), "num_examples": n, "batch_size": int(batch_size),
-              "num_draws": m, "task": type(task).__name__, "model_dtype": str(dtype),
-              "fingerprint": model_fingerprint(tracked_parameters(modules))}
-    ckpt = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
-    state = _FitState.load(ckpt, header, specs, device) if ckpt is not None and ckpt.exists() \
-        else _FitState(specs, device)
-    saver = Checkpointer((lambda done: state.save(ckpt, header)) if ckpt else None, every=checkpoint_every)
-    groups = total_groups(data, batch_size, m)
+    groups = shard.owned(total_groups(data, draws_per_forward, m))
+    fingerprint = model_fingerprint(tracked_parameters(modules))
+    identity = {"kind": "fit_state", "version": STATE_VERSION, "config": config.to_dict(), "num_examples": n,
+                "draws_per_forward": draws_per_forward, "num_draws": m, "task": type(task).__name__,
+                "model_dtype": str(dtype), "fingerprint": fingerprint, "shard": [shard.rank, shard.world_size],
+                "groups": [groups.start, groups.stop]}
+    if checkpoint_dir is not None:  # hashing the data costs a read: only where a checkpoint needs it
+        identity["data"] = data_fingerprint(data)
+    ckpt = Checkpoint(shard.checkpoint_dir(checkpoint_dir), STATE_FILE, identity, every=checkpoint_every)
+    loaded = ckpt.load()
+    state = _FitState.restore(loaded, specs, device) if loaded else _FitState(specs, device, groups.start)
 
-    def run_pass(stage: str, on_chunk) -> None:
-        bar = progress_bar(groups, f"curvature {stage}", progress, initial=state.groups_done)
-        for g, _, chunks in iter_groups(task, data, "fit", num_draws=m, seed=config.seed, batch_size=batch_size,
-                                        start=state.groups_done):
-            for c, rows in enumerate(chunks):
-                rows = rows.to(device, dtype)
-                with seeded_rng(config.seed, g, c, device):
-                    f = forward_capture(model, task, capture, rows)
-                    on_chunk(rows, f)
-            state.groups_done = g + 1
-            saver.after_group(g + 1)
-            bar.update(1)
-        bar.close()
+    def after_group(next_group: int) -> None:
+        state.next_group = next_group
+        if ckpt.due(next_group):
+            state.save(ckpt)
 
-    def backprop(rows, f, on_layer):
-        fisher_backprop(capture, task, f, rows, config.fisher, on_layer)
+    def chunks(stage: str):
+        return draw_pass(model, task, capture, data, "fit", num_draws=m, seed=config.seed,
+                         draws_per_forward=draws_per_forward, groups=groups, start=state.next_group,
+                         progress=progress, desc=f"curvature {stage}", model_mode=model_mode,
+                         after_group=after_group)
 
-    def factors_chunk(rows, f):
-        for name, calls in capture.records.items():
-            xs = [x for x, _, _ in calls]
-            cov, count = input_covariance(specs[name], xs, config.approx)
-            state.sums[f"{name}::A"] += checked(name, cov, [(x, None) for x in xs])
-            state.counts[f"{name}::A"] += int(count)
+    if state.stage == "factors":
         def add_g(name, calls):
-            state.sums[f"{name}::G"] += checked(name, output_covariance(specs[name], calls, config.approx), calls)
-        backprop(rows, f, add_g)
-        state.counts["draws"] += len(rows)
+            state.sums[f"{name}::G"] += finite_layer_sum(name, output_covariance(specs[name], calls, config.approx),
+                                                         calls)
+        for chunk in chunks("factors"):
+            for name, calls in capture.records.items():
+                xs = [x for x, _, _ in calls]
+                cov, count = input_covariance(specs[name], xs, config.approx)
+                state.sums[f"{name}::A"] += finite_layer_sum(name, cov, [(x, None) for x in xs])
+                state.counts[f"{name}::A"] += int(count)
+            chunk.fisher_backward(task, config.fisher, add_g)
+            state.counts["draws"] += len(chunk.draws)
+    # Eigendecompositions (float64); the sums of A and G give way to the results: the eigenvalue pass holds A, G
+    # and their eigenbases in the stored dtype, and a checkpoint carries them (docs/memory.md). Ranks meet here
+    # even when resumed past it, since another rank may not be.
+    if (state.stage == "factors" or not shard.single) and \
+            _finish_factors(state, specs, config, dtype, device, shard, groups.start):
+        state.save(ckpt)
+    res = state.results
+    if state.stage == "eigen":
+        bases = {nm: tuple(res.get(f"{nm}::{q}_pass", res[f"{nm}::{q}"]) for q in ("QA", "QG")) for nm in specs}
 
-    with use_model_mode(model, model_mode):
-        if state.stage == "factors":
-            run_pass("factors", factors_chunk)
-            # Eigendecompositions (float64); the sums of A and G give way to the results: the eigenvalue pass
-            # holds A, G and their eigenbases in the stored dtype, and a checkpoint carries them (docs/memory.md).
-            state.finish_factors(_factor_results(state, specs, config, dtype), specs, device,
-                                 eigen_pass=config.method == "ekfac")
-            if ckpt:
-                state.save(ckpt, header)
-        res = state.results
-        if state.stage == "eigen":
-            bases = {nm: tuple(res.get(f"{nm}::{q}_pass", res[f"{nm}::{q}"]) for q in ("QA", "QG")) for nm in specs}
+        def add_lambda(name, calls):
+            a, g = calls_as_rows(specs[name], calls, patches=True)
+            qa, qg = bases[name]
+            state.sums[f"{name}::Lambda"] += finite_layer_sum(name, kk.eigenvalue_correction(
+                a, g, qa, qg, append_one=specs[name].has_bias), calls)
 
-            def add_lambda(name, calls):
-                a, g = calls_as_rows(specs[name], calls, patches=True)
-                qa, qg = bases[name]
-                state.sums[f"{name}::Lambda"] += checked(name, kk.eigenvalue_correction(
-                    a, g, qa, qg, append_one=specs[name].has_bias), calls)
+        for chunk in chunks("eigenvalues"):
+            chunk.fisher_backward(task, config.fisher, add_lambda)
+            state.counts["eigen_draws"] += len(chunk.draws)
+        state.stage = "done"
+    state.save(ckpt)
 
-            def eigen_chunk(rows, f):
-                backprop(rows, f, add_lambda)
-                state.counts["eigen_draws"] += len(rows)
-
-            run_pass("eigenvalues", eigen_chunk)
-            state.stage = "done"
-
+    lam = {}
+    if config.method == "ekfac":
+        # this rank's sums stay partial (and checkpointed as such): reduce copies
+        lam = {nm: state.sums[f"{nm}::Lambda"].clone() for nm in specs}
+        draws = torch.tensor([float(state.counts["eigen_draws"])], dtype=torch.float64, device=device)
+        shard.all_reduce([*lam.values(), draws])
+        lam = {nm: v / max(1.0, float(draws)) for nm, v in lam.items()}
     factors = {}
     for nm in specs:
-        lam = state.sums[f"{nm}::Lambda"] / max(1, state.counts["eigen_draws"]) if config.method == "ekfac" \
-            else torch.outer(res[f"{nm}::sG"], res[f"{nm}::sA"])
+        lam_nm = lam[nm] if config.method == "ekfac" else torch.outer(res[f"{nm}::sG"], res[f"{nm}::sA"])
         factors[nm] = {k: v.detach().to("cpu", config.dtype) for k, v in
                        dict(A=res[f"{nm}::A"], G=res[f"{nm}::G"], QA=res[f"{nm}::QA"], QG=res[f"{nm}::QG"],
-                            sA=res[f"{nm}::sA"], sG=res[f"{nm}::sG"], Lambda=lam).items()}
-    curv = Curvature(config, specs, factors, header["fingerprint"], n, m)
-    if ckpt:
-        state.save(ckpt, header)
-    return curv
+                            sA=res[f"{nm}::sA"], sG=res[f"{nm}::sG"], Lambda=lam_nm).items()}
+    return Curvature(config, specs, factors, fingerprint, n, m)

@@ -1,7 +1,7 @@
 """Ground-truth measurements with common random numbers, and a diffusion trainer for retraining.
 
 ``task_measurements(model, task, queries, num_draws=, seed=)`` evaluates every query's measurement as the mean over
-its draws of ``task.measurement`` (no gradients). The draws come from ``task.rows(purpose="query", seed=seed)``,
+its draws of ``task.measurement`` (no gradients). The draws come from ``task.draws(purpose="query", seed=seed)``,
 whose generators depend only on (seed, query index): every model sees the SAME (t, eps) draws, so differences
 between retrained models are not drowned by Monte Carlo noise.
 """
@@ -19,7 +19,7 @@ from ..tasks.base import Task
 
 @torch.no_grad()
 def task_measurements(model: nn.Module, task: Task, queries: Any, *, num_draws: Optional[int] = None,
-                      seed: Optional[int] = None, batch_size: int = 512,
+                      seed: Optional[int] = None, draws_per_forward: int = 512,
                       also: Optional[Mapping[str, Task]] = None):
     """``(Q,)`` float64: the mean over ``num_draws`` (default: the task's query draws) of ``task.measurement``.
 
@@ -33,10 +33,10 @@ def task_measurements(model: nn.Module, task: Task, queries: Any, *, num_draws: 
     tasks = {"": task, **dict(also or {})}
     out = {name: torch.zeros(q, dtype=torch.float64) for name in tasks}
     with use_model_mode(model, "eval"):
-        for _, idx, batch in iter_batches(queries, group_size(batch_size, m)):
-            rows = task.rows(batch, idx, "query", num_draws=m, seed=seed).to(device, dtype)
-            for s in range(0, len(rows), batch_size):
-                part = rows.slice(s, s + batch_size)
+        for _, idx, batch in iter_batches(queries, group_size(draws_per_forward, m)):
+            rows = task.draws(batch, idx, "query", num_draws=m, seed=seed).to(device, dtype)
+            for s in range(0, len(rows), draws_per_forward):
+                part = rows.slice(s, s + draws_per_forward)
                 f = task.forward(model, part)
                 for name, t in tasks.items():
                     vals = t.measurement(f, part).double().cpu()
@@ -44,7 +44,7 @@ def task_measurements(model: nn.Module, task: Task, queries: Any, *, num_draws: 
     return out[""] if also is None else out
 
 
-def measure_all(tasks: Mapping[str, Task], queries: Any, *, num_draws: int, seed: int, batch_size: int = 512,
+def measure_all(tasks: Mapping[str, Task], queries: Any, *, num_draws: int, seed: int, draws_per_forward: int = 512,
                 share_rows: bool = False) -> Callable[[nn.Module], dict]:
     """A ``measure_fn`` for ``LDSRun.measure``: ``model -> {name: (Q,)}`` for each named task's measurement,
     all on the draws of ``seed``. ``share_rows``: one forward pass for all (the tasks must draw identical rows,
@@ -54,11 +54,11 @@ def measure_all(tasks: Mapping[str, Task], queries: Any, *, num_draws: int, seed
     def fn(model):
         if share_rows:
             first = tasks[names[0]]
-            res = task_measurements(model, first, queries, num_draws=num_draws, seed=seed, batch_size=batch_size,
+            res = task_measurements(model, first, queries, num_draws=num_draws, seed=seed, draws_per_forward=draws_per_forward,
                                     also={n: tasks[n] for n in names[1:]})
             res[names[0]] = res.pop("")
             return res
-        return {name: task_measurements(model, t, queries, num_draws=num_draws, seed=seed, batch_size=batch_size)
+        return {name: task_measurements(model, t, queries, num_draws=num_draws, seed=seed, draws_per_forward=draws_per_forward)
                 for name, t in tasks.items()}
     return fn
 

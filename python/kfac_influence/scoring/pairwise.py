@@ -2,13 +2,19 @@
 (no 1/N, no minus sign: positive = removing x_n is predicted to raise the query's measurement).
 
 ``pairwise_scores`` makes ONE pass over the training data for all queries: the preconditioned query gradients are
-held on the device and each chunk's per-row training gradients are formed inside the fused contraction
-(``kfac_kernels.pairwise_scores``), never for the whole data set.
+held on the device and each chunk's per-draw training gradients are formed inside the fused contraction
+(``kfac_kernels.pairwise_scores``), never for the whole data set. Damping (lambda) is chosen here, per call: one
+fitted curvature serves a damping sweep.
+
+Sharded (``shard=``, as ``kfac_influence.distributed`` passes it): with ``split="train"`` every rank computes all
+preconditioned query gradients and scores its range of training groups into its columns; with
+``split="queries"`` every rank holds only its range of query groups' gradients (a ``1/world`` share of the
+``Q * W`` query memory) and scores them against the whole training set into its rows. The blocks are disjoint,
+so an all-reduce of zero-padded matrices gathers them. Self-scores shard the training groups the same way.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -19,145 +25,196 @@ import kfac_kernels as kk
 from ..capture import LayerCapture, calls_as_rows
 from ..curvature.curvature import Curvature
 from ..data_iter import num_examples
-from ..engine import Checkpointer, checked, gradient_chunks, model_device_dtype, total_groups
-from ..storage import load_tensors, save_tensors
+from ..engine import (Checkpoint, Shard, check_draws_per_forward, draw_pass, examples_of_groups, finite_layer_sum,
+                      model_device_dtype, total_groups)
+from ..identity import data_fingerprint, task_fingerprint, tensors_fingerprint
 from ..tasks.base import Task
 from .gradients import example_gradients
 
 STATE_FILE = "score_state.safetensors"
+SPLITS = ("train", "queries")
 
 
 def preconditioned_query_gradients(model: nn.Module, task: Task, curvature: Curvature, queries: Any, *,
-                                   batch_size: int = 32, progress: bool = False, model_mode: str = "eval",
-                                   check_values: bool = True,
+                                   draws_per_forward: int = 32, progress: bool = False, model_mode: str = "eval",
+                                   check_values: bool = True, damping: Optional[float] = None,
+                                   damping_mode: Optional[str] = None,
                                    groups: Optional[range] = None) -> Dict[str, torch.Tensor]:
-    """``{layer: (Q, d_out, d_in')}``: (G_hat + lambda I)^-1 grad m(x_q), on the model's device (``groups``:
-    only those query groups, as in ``example_gradients``)."""
+    """``{layer: (Q, d_out, d_in')}``: (G_hat + lambda I)^-1 grad m(x_q), on the model's device (``damping`` /
+    ``damping_mode``: as in ``Curvature.precondition``; ``groups``: only those query groups, as in
+    ``example_gradients``)."""
     modules = curvature.check_model(model, check_values=check_values)
-    grads = example_gradients(model, task, modules, queries, purpose="query", batch_size=batch_size,
+    damp = curvature.resolve_damping(damping, damping_mode)
+    grads = example_gradients(model, task, modules, queries, purpose="query", draws_per_forward=draws_per_forward,
                               progress=progress, model_mode=model_mode, groups=groups)
     # a layer at a time, each raw gradient dropped once preconditioned: Q * (W + largest layer), not 2 Q * W
-    return {name: curvature.precondition({name: grads.pop(name)})[name] for name in list(grads)}
+    return {name: curvature.precondition({name: grads.pop(name)}, damping=damp)[name] for name in list(grads)}
+
+
+def _accumulator_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
 def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
-                    batch_size: int = 32, progress: bool = True, model_mode: str = "eval",
+                    draws_per_forward: int = 32, progress: bool = True, model_mode: str = "eval",
                     checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: Optional[int] = None,
-                    check_values: bool = True, int8_queries: bool = False,
-                    preconditioned: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+                    check_values: bool = True, int8_queries: bool = False, damping: Optional[float] = None,
+                    damping_mode: Optional[str] = None, preconditioned: Optional[Dict[str, torch.Tensor]] = None,
+                    shard: Shard = Shard(), split: str = "train") -> torch.Tensor:
     """Scores ``(Q, N)`` of every query against every training example (float32, or float64 for float64 models).
 
     Args:
-        batch_size: draws (rows) per forward pass.
-        checkpoint_dir: resumable state of the training pass (same result after an interruption).
+        draws_per_forward: draws per forward pass.
+        checkpoint_dir: resumable state of the training pass (same result after an interruption). The state
+            records what it was computed from (model, curvature values, damping, queries, training data, task
+            settings); a call with other inputs refuses it (``engine.CheckpointMismatch``).
         int8_queries: quantise the preconditioned query gradients to int8 (per query and layer affine).
-        preconditioned: precomputed ``preconditioned_query_gradients`` (skips the query pass).
+        damping, damping_mode: lambda (absolute) or rho (relative: lambda = rho * mean(Lambda) per layer);
+            None: the curvature's ``default_damping``.
+        preconditioned: precomputed ``preconditioned_query_gradients`` (skips the query pass; damping was
+            applied when they were computed).
+        shard, split: this process's share (see the module docstring); every rank returns the full matrix.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    draws_per_forward = check_draws_per_forward(draws_per_forward)
     modules = curvature.check_model(model, check_values=check_values)
+    damp = curvature.resolve_damping(damping, damping_mode)
     device, mdtype = model_device_dtype(model)
-    pre = preconditioned if preconditioned is not None else preconditioned_query_gradients(
-        model, task, curvature, queries, batch_size=batch_size, progress=progress, model_mode=model_mode,
-        check_values=False)
-    pre = {k: (kk.quantize_int8(v) if int8_queries else v.to(device=device, dtype=mdtype)) for k, v in pre.items()}
-    nq = next(iter(pre.values())).q.shape[0] if int8_queries else next(iter(pre.values())).shape[0]
     n = num_examples(train)
     m = task.num_draws("train")
-    acc_dtype = torch.float64 if mdtype == torch.float64 else torch.float32
-    scores = torch.zeros(nq, n, dtype=acc_dtype, device=device)
-    start = 0
-    ckpt = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
-    header = {"kind": "score_state", "num_queries": nq, "num_examples": n, "batch_size": batch_size,
-              "num_draws": m, "fingerprint": curvature.fingerprint, "seed": task.seed}
-    if ckpt is not None and ckpt.exists():
-        tensors, saved = load_tensors(ckpt)
-        for key in ("num_queries", "num_examples", "batch_size", "num_draws", "fingerprint", "seed"):
-            if saved.get(key) != header[key]:
-                raise ValueError(f"the checkpoint {ckpt} was made with a different {key}; delete it or use "
-                                 "another checkpoint_dir")
-        scores = tensors["scores"].to(device)
-        start = saved["groups_done"]
+    train_groups = range(0, total_groups(train, draws_per_forward, m))
+    if preconditioned is not None:
+        nq_total = next(iter(preconditioned.values())).shape[0]
+    else:
+        nq_total = num_examples(queries)
+    query_groups = None
+    if split == "queries":
+        mq = task.num_draws("query")
+        query_groups = shard.owned(total_groups(queries, draws_per_forward, mq)) if preconditioned is None \
+            else shard.owned(nq_total)
+        q_rows = examples_of_groups(query_groups, nq_total, draws_per_forward, mq) if preconditioned is None \
+            else query_groups
+        if len(q_rows) == 0:  # more ranks than query groups: nothing to score here, but join the gather
+            train_groups = range(0, 0)
+    else:
+        q_rows = range(0, nq_total)
+        train_groups = shard.owned(len(train_groups))
+    if preconditioned is not None:
+        pre = {k: v[q_rows.start:q_rows.stop] for k, v in preconditioned.items()}
+    else:
+        pre = preconditioned_query_gradients(model, task, curvature, queries, draws_per_forward=draws_per_forward,
+                                             progress=progress and shard.rank == 0, model_mode=model_mode,
+                                             check_values=False, damping=damp, groups=query_groups)
+    pre = {k: (kk.quantize_int8(v) if int8_queries else v.to(device=device, dtype=mdtype)) for k, v in pre.items()}
+    acc = _accumulator_dtype(mdtype)
+    scores = torch.zeros(len(q_rows), n, dtype=acc, device=device)
+
+    ckpt = None
+    if checkpoint_dir is not None:
+        queries_id = tensors_fingerprint([preconditioned]) if preconditioned is not None \
+            else data_fingerprint(queries)
+        identity = {"kind": "score_state", "version": 2, "num_queries": nq_total, "num_examples": n,
+                    "draws_per_forward": draws_per_forward, "num_draws": m, "fingerprint": curvature.fingerprint,
+                    "curvature": curvature.values_fingerprint(),
+                    "damping": None if preconditioned is not None else damp.to_dict(),
+                    "queries": queries_id, "train": data_fingerprint(train), "task": task_fingerprint(task),
+                    "model_mode": model_mode, "int8_queries": bool(int8_queries), "split": split,
+                    "shard": [shard.rank, shard.world_size], "groups": [train_groups.start, train_groups.stop],
+                    "query_rows": [q_rows.start, q_rows.stop]}
+        ckpt = Checkpoint(shard.checkpoint_dir(checkpoint_dir), STATE_FILE, identity, every=checkpoint_every)
+    progress_at = {"next_group": train_groups.start}
+    loaded = ckpt.load() if ckpt is not None else None
+    if loaded is not None:
+        scores = loaded[0]["scores"].to(device)
+        progress_at["next_group"] = int(loaded[1]["next_group"])
+
+    def after_group(next_group: int) -> None:
+        progress_at["next_group"] = next_group
+        if ckpt is not None and ckpt.due(next_group):
+            ckpt.save({"scores": scores}, next_group=next_group)
+
     capture = LayerCapture(dict(modules))
     specs = capture.specs
-
-    def on_chunk(g, idx, rows, backward):
-        cols = rows.example.to(device)
-        part = torch.zeros(nq, len(rows), dtype=acc_dtype, device=device)
+    nq = len(q_rows)
+    for chunk in draw_pass(model, task, capture, train, "train", num_draws=m, seed=task.seed,
+                           draws_per_forward=draws_per_forward, groups=train_groups,
+                           start=progress_at["next_group"], progress=progress and shard.rank == 0,
+                           desc="pairwise scores", model_mode=model_mode, after_group=after_group):
+        part = torch.zeros(nq, len(chunk.draws), dtype=acc, device=device)
 
         def on_layer(name, calls):  # during the backward pass, as the layer's output gradient appears
             a, gr = calls_as_rows(specs[name], calls, patches=True)
-            part.add_(checked(name, kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias),
-                              calls).to(acc_dtype))
-        backward(on_layer)
-        scores.index_add_(1, cols, part)
-
-    def save(done):
-        save_tensors(ckpt, {"scores": scores}, {**header, "groups_done": done})
-
-    saver = Checkpointer(save if ckpt else None, every=checkpoint_every)
-    for g, idx, rows, grads in gradient_chunks(model, task, capture, train, "train", num_draws=m, seed=task.seed,
-                                               batch_size=batch_size, progress=progress, model_mode=model_mode,
-                                               start=start, desc="pairwise scores", after_group=saver.after_group,
-                                               stream=True):
-        on_chunk(g, idx, rows, grads)
+            part.add_(finite_layer_sum(name, kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias),
+                                       calls).to(acc))
+        chunk.backward(task.train_loss(chunk.outputs, chunk.draws), on_layer)
+        scores.index_add_(1, chunk.draws.example.to(device), part)
     if ckpt is not None:
-        save(total_groups(train, batch_size, m))
-    return scores
+        ckpt.save({"scores": scores}, next_group=train_groups.stop)
+    if shard.single:
+        return scores
+    out = torch.zeros(nq_total, n, dtype=acc, device=device)
+    out[q_rows.start:q_rows.stop] = scores
+    shard.all_reduce([out])
+    return out
 
 
-def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, *, batch_size: int = 32,
+def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, *, draws_per_forward: int = 32,
                 progress: bool = True, model_mode: str = "eval", check_values: bool = True,
-                groups: Optional[range] = None) -> torch.Tensor:
+                damping: Optional[float] = None, damping_mode: Optional[str] = None,
+                shard: Shard = Shard()) -> torch.Tensor:
     """Self-influence ``(N,)``: grad l(x_n)^T (G_hat + lambda I)^-1 grad l(x_n) with the measurement = train loss.
 
     When all of an example group's draws fit in one chunk the fused ``eigenbasis_self_scores`` op is used;
-    otherwise the group's per-example gradients are accumulated over chunks, then rotated. ``groups``: score
-    only this range of example groups (``max(1, batch_size // M)`` examples each; the others stay 0), as
-    ``kfac_influence.distributed.self_scores`` does for a rank's shard.
+    otherwise the group's per-example gradients are accumulated over chunks, then rotated. ``damping`` as in
+    ``pairwise_scores``; ``shard``: score this rank's range of example groups (every rank returns the whole
+    vector).
     """
+    draws_per_forward = check_draws_per_forward(draws_per_forward)
     modules = curvature.check_model(model, check_values=check_values)
+    damp = curvature.resolve_damping(damping, damping_mode)
     device, mdtype = model_device_dtype(model)
     n = num_examples(train)
     m = task.num_draws("train")
-    acc_dtype = torch.float64 if mdtype == torch.float64 else torch.float32
-    out = torch.zeros(n, dtype=acc_dtype, device=device)
+    acc = _accumulator_dtype(mdtype)
+    out = torch.zeros(n, dtype=acc, device=device)
     capture = LayerCapture(dict(modules))
     specs = capture.specs
     pending: Dict[str, torch.Tensor] = {}
 
     def flush(idx):
-        pre = curvature.precondition(pending)
+        pre = curvature.precondition(pending, damping=damp)
         for name, v in pending.items():
-            out[idx] += (pre[name].to(acc_dtype) * v.to(acc_dtype)).flatten(1).sum(1)
+            out[idx] += (pre[name].to(acc) * v.to(acc)).flatten(1).sum(1)
         pending.clear()
 
-    def on_chunk(g, idx, rows, backward):
-        whole = len(rows) == len(idx) * m  # the whole group is in this chunk
-        local = rows.example.to(device) - int(idx[0])
+    for chunk in draw_pass(model, task, capture, train, "train", num_draws=m, seed=task.seed,
+                           draws_per_forward=draws_per_forward,
+                           groups=shard.owned(total_groups(train, draws_per_forward, m)),
+                           progress=progress and shard.rank == 0, desc="self scores", model_mode=model_mode):
+        idx, draws = chunk.examples, chunk.draws
+        whole = len(draws) == len(idx) * m  # the whole group is in this chunk
+        local = draws.example.to(device) - int(idx[0])
 
         def on_layer(name, calls):  # during the backward pass
             # draws of an example become extra positions below, which ConvPatches cannot express: rows then
             a, gr = calls_as_rows(specs[name], calls, patches=m == 1 or not whole)
             s = specs[name]
             if whole:
-                qa, qg, lam = curvature.on(name, device, mdtype)
+                qa, qg, lam = curvature.device_factors(name, device, mdtype)
                 b = len(idx)
                 a3 = a if m == 1 else a.reshape(b, -1, a.shape[-1])
                 g3 = gr if m == 1 else gr.reshape(b, -1, gr.shape[-1])
-                part = kk.eigenbasis_self_scores(a3, g3, qa, qg, lam, curvature.damping(name), append_one=s.has_bias)
-                out[idx.to(device)] += checked(name, part, calls).to(acc_dtype)
+                part = kk.eigenbasis_self_scores(a3, g3, qa, qg, lam, curvature.layer_damping(name, damp),
+                                                 append_one=s.has_bias)
+                out[idx.to(device)] += finite_layer_sum(name, part, calls).to(acc)
             else:
                 per_row = kk.per_example_gradients(a, gr, append_one=s.has_bias)
                 if name not in pending:
                     pending[name] = torch.zeros((len(idx),) + s.grad_shape, dtype=mdtype, device=device)
-                pending[name].index_add_(0, local, checked(name, per_row, calls))
-        backward(on_layer)
-        if not whole and int(rows.example[-1]) == int(idx[-1]) and int(rows.draw[-1]) == m - 1:
+                pending[name].index_add_(0, local, finite_layer_sum(name, per_row, calls))
+        chunk.backward(task.train_loss(chunk.outputs, draws), on_layer)
+        if not whole and int(draws.example[-1]) == int(idx[-1]) and int(draws.draw[-1]) == m - 1:
             flush(idx.to(device))
-
-    span = groups if groups is not None else range(0, total_groups(train, batch_size, m))
-    for g, idx, rows, grads in gradient_chunks(model, task, capture, train, "train", num_draws=m, seed=task.seed,
-                                               batch_size=batch_size, progress=progress, model_mode=model_mode,
-                                               desc="self scores", start=span.start, stop=span.stop,
-                                               stream=True):
-        on_chunk(g, idx, rows, grads)
+    shard.all_reduce([out])
     return out

@@ -29,7 +29,7 @@ def example_generator(seed: int, purpose: str, index: int) -> torch.Generator:
 
 
 @dataclass
-class Rows:
+class Draws:
     """A chunk of draws. ``example: (n,)`` global example index of each row, ``draw: (n,)`` draw index,
     ``weight``: 1/M (each row's share of its example's mean), ``data``: tensors with leading dim n."""
     example: torch.Tensor
@@ -40,14 +40,14 @@ class Rows:
     def __len__(self) -> int:
         return int(self.example.shape[0])
 
-    def slice(self, start: int, stop: int) -> "Rows":
-        return Rows(self.example[start:stop], self.draw[start:stop], self.weight,
+    def slice(self, start: int, stop: int) -> "Draws":
+        return Draws(self.example[start:stop], self.draw[start:stop], self.weight,
                     {k: v[start:stop] for k, v in self.data.items()})
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Rows":
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Draws":
         def conv(v):
             return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-        return Rows(self.example, self.draw, self.weight, {k: conv(v) for k, v in self.data.items()})
+        return Draws(self.example, self.draw, self.weight, {k: conv(v) for k, v in self.data.items()})
 
 
 class Task(abc.ABC):
@@ -62,23 +62,23 @@ class Task(abc.ABC):
         """Default number of draws per example for a purpose."""
 
     @abc.abstractmethod
-    def rows(self, batch, indices: torch.Tensor, purpose: str, *, num_draws: int, seed: int) -> Rows:
+    def draws(self, batch, indices: torch.Tensor, purpose: str, *, num_draws: int, seed: int) -> Draws:
         """Expand a batch of examples (global indices ``indices: (B,)``) into B * num_draws rows, example-major."""
 
     @abc.abstractmethod
-    def forward(self, model: torch.nn.Module, rows: Rows) -> torch.Tensor:
+    def forward(self, model: torch.nn.Module, rows: Draws) -> torch.Tensor:
         """Network outputs f for every row: ``(n, *out_shape)``."""
 
     @abc.abstractmethod
-    def train_loss(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def train_loss(self, outputs: torch.Tensor, rows: Draws) -> torch.Tensor:
         """Per-draw training loss ``(n,)``; the per-example loss is its mean over draws."""
 
-    def measurement(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def measurement(self, outputs: torch.Tensor, rows: Draws) -> torch.Tensor:
         """Per-draw measurement ``(n,)`` of a query; defaults to the training loss."""
         return self.train_loss(outputs, rows)
 
     @abc.abstractmethod
-    def fisher_vectors(self, outputs: torch.Tensor, rows: Rows, fisher: str) -> Iterator[torch.Tensor]:
+    def fisher_vectors(self, outputs: torch.Tensor, rows: Draws, fisher: str) -> Iterator[torch.Tensor]:
         """Vectors to backpropagate through f for curvature: their g g^T average to the loss Hessian (mc, type2)
         or are the loss gradient (empirical). Each has the shape of ``outputs``."""
 
@@ -86,13 +86,13 @@ class Task(abc.ABC):
 class MSETask(Task):
     """Shared pieces of tasks whose per-draw loss is ``(1/D) ||target - f||^2`` (loss Hessian (2/D) I).
 
-    Rows must hold ``target`` (same shape as f) and, for fisher="mc", ``xi`` (standard normal, same shape)."""
+    Draws must hold ``target`` (same shape as f) and, for fisher="mc", ``xi`` (standard normal, same shape)."""
 
     @staticmethod
     def mse(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (outputs - target).pow(2).flatten(1).mean(dim=1)
 
-    def fisher_vectors(self, outputs: torch.Tensor, rows: Rows, fisher: str) -> Iterator[torch.Tensor]:
+    def fisher_vectors(self, outputs: torch.Tensor, rows: Draws, fisher: str) -> Iterator[torch.Tensor]:
         if fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
         d = outputs[0].numel()

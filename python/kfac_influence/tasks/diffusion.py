@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import MSETask, Rows, example_generator
+from .base import MSETask, Draws, example_generator
 from .ddpm import default_timesteps, transition
 
 UNIFORM_T = ("loss", "elbo", "simplified_elbo", "square_norm")
@@ -120,7 +120,7 @@ class DiffusionTask(MSETask):
             return torch.multinomial(self.timestep_probs, m, replacement=True, generator=gen)
         return torch.randint(0, self.T, (m,), generator=gen)
 
-    def rows(self, batch, indices: torch.Tensor, purpose: str, *, num_draws: int, seed: int) -> Rows:
+    def draws(self, batch, indices: torch.Tensor, purpose: str, *, num_draws: int, seed: int) -> Draws:
         if purpose == "query" and self.measurement_name == "sampling_trajectory_logprob":
             return self._trajectory_rows(batch, indices)
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -150,9 +150,9 @@ class DiffusionTask(MSETask):
                 "t": t}
         if xis:
             data["xi"] = torch.cat(xis).to(x.dtype)
-        return Rows(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
+        return Draws(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
 
-    def _trajectory_rows(self, batch, indices: torch.Tensor) -> Rows:
+    def _trajectory_rows(self, batch, indices: torch.Tensor) -> Draws:
         traj = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not torch.is_tensor(traj) or traj.dim() != 5:
             raise ValueError("sampling_trajectory_logprob queries must be trajectories (Q, S+1, C, H, W) with "
@@ -168,9 +168,9 @@ class DiffusionTask(MSETask):
         data = {"x_in": traj[:, keep].reshape((q * k,) + traj.shape[2:]),
                 "x_out": traj[:, keep + 1].reshape((q * k,) + traj.shape[2:]),
                 "t": ts[keep].repeat(q), "prev_t": prev[keep].repeat(q)}
-        return Rows(indices.repeat_interleave(k), torch.arange(k).repeat(q), 1.0, data)
+        return Draws(indices.repeat_interleave(k), torch.arange(k).repeat(q), 1.0, data)
 
-    def forward(self, model: torch.nn.Module, rows: Rows) -> torch.Tensor:
+    def forward(self, model: torch.nn.Module, rows: Draws) -> torch.Tensor:
         if "x_in" in rows.data:  # one ancestral step per row: the model's mean of p(x_prev | x_t)
             mean, _ = transition(model, self.scheduler, rows.data["x_in"], rows.data["t"], rows.data["prev_t"])
             return mean
@@ -185,17 +185,17 @@ class DiffusionTask(MSETask):
                              " an epsilon-predictor must keep the input shape")
         return out
 
-    def _step_std(self, rows: Rows, like: torch.Tensor) -> torch.Tensor:
+    def _step_std(self, rows: Draws, like: torch.Tensor) -> torch.Tensor:
         abar = torch.as_tensor(self.scheduler.alphas_cumprod).to(like.dtype).cpu()  # as the sampler uses it
         t, p = rows.data["t"].cpu(), rows.data["prev_t"].cpu()
         abar_t, abar_p = abar[t], abar[p.clamp(min=0)]
         var = (1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)
         return var.sqrt().to(like).view(-1, *([1] * (like.dim() - 1)))
 
-    def train_loss(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def train_loss(self, outputs: torch.Tensor, rows: Draws) -> torch.Tensor:
         return self.mse(outputs, rows.data["target"])
 
-    def measurement(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def measurement(self, outputs: torch.Tensor, rows: Draws) -> torch.Tensor:
         name = self.measurement_name
         if name == "sampling_trajectory_logprob":  # -log N(x_out; mean, std^2 I) per step
             std = self._step_std(rows, outputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MSETask, Rows, example_generator
+from .base import MSETask, Draws, example_generator
 
 
 class RegressionTask(MSETask):
@@ -18,7 +18,7 @@ class RegressionTask(MSETask):
     def num_draws(self, purpose: str) -> int:
         return 1
 
-    def rows(self, batch, indices: torch.Tensor, purpose: str, *, num_draws: int, seed: int) -> Rows:
+    def draws(self, batch, indices: torch.Tensor, purpose: str, *, num_draws: int, seed: int) -> Draws:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise ValueError("RegressionTask expects batches of (inputs, targets)")
         x, y = batch
@@ -31,14 +31,14 @@ class RegressionTask(MSETask):
             xi = [torch.randn((m,) + tuple(y.shape[1:]), generator=example_generator(seed, purpose, int(i)),
                               dtype=torch.float64) for i in indices.tolist()]
             data["xi"] = torch.cat(xi).to(y.dtype)
-        return Rows(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
+        return Draws(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
 
-    def forward(self, model: torch.nn.Module, rows: Rows) -> torch.Tensor:
+    def forward(self, model: torch.nn.Module, rows: Draws) -> torch.Tensor:
         out = model(rows.data["inputs"])
         if out.shape != rows.data["target"].shape:
             raise ValueError(f"model output shape {tuple(out.shape)} differs from targets "
                              f"{tuple(rows.data['target'].shape)}")
         return out
 
-    def train_loss(self, outputs: torch.Tensor, rows: Rows) -> torch.Tensor:
+    def train_loss(self, outputs: torch.Tensor, rows: Draws) -> torch.Tensor:
         return self.mse(outputs, rows.data["target"])
