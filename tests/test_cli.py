@@ -1,6 +1,8 @@
-"""End-to-end `kfac-influence` through subprocesses: outputs, skipping, resuming a killed training, bad input."""
+"""End-to-end `kfac-influence` through subprocesses: outputs, skipping, resuming an interrupted training, a damping
+sweep on one fit, settings of earlier versions, bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from kfac_influence.report.files import load_tensors
+from kfac_influence.app import cli as app_cli
+from kfac_influence.diffusion import training
+from kfac_influence.storage import load_tensors
 
 TINY = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": [8, 8], "layers_per_block": 1,
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
         "norm_num_groups": 4, "attention_head_dim": None}
 TRAIN_FAST = ["--limit", "40", "--steps", "6", "--batch-size", "8", "--checkpoint-every", "2", "--no-progress"]
 FAST = TRAIN_FAST + ["--num-queries", "3", "--sample-steps", "4", "--fit-draws", "1", "--train-draws", "1", "--query-draws", "2", "--top-k", "2",
-        "--fit-batch-size", "64", "--score-batch-size", "64"]
+        "--fit-draws-per-forward", "64", "--score-draws-per-forward", "64"]
 
 
 def cli(*args, env=None, check=True):
@@ -80,10 +84,21 @@ def test_second_run_skips_and_changed_setting_reruns_downstream(finished_run):
     assert p.stderr.count("up to date") == 5, p.stderr
 
 
-def test_killed_training_resumes_to_same_weights(tmp_path, tiny_json):
+def test_interrupted_training_resumes_to_same_weights(tmp_path, tiny_json, monkeypatch, capsys, one_thread):
+    """Ctrl-C after step 5 (last checkpoint: step 4) ends the command with status 130; the same command resumes
+    and gives the weights of an uninterrupted run (one thread here, as in the subprocesses: same arithmetic)."""
     args = ["--model", tiny_json, *TRAIN_FAST]
-    killed = cli("train", "--out", tmp_path / "a", *args, env={"KFAC_INFLUENCE_ABORT_AFTER_STEP": "5"}, check=False)
-    assert killed.returncode == 75, killed.stderr
+    update = training.EMA.update
+
+    def interrupt_after_step_5(self, model, step):
+        update(self, model, step)
+        if step + 1 == 5:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(training.EMA, "update", interrupt_after_step_5)
+        assert app_cli.main(["train", "--out", str(tmp_path / "a"), *args]) == 130
+    assert "interrupted" in capsys.readouterr().err
     assert (tmp_path / "a/train/checkpoints/checkpoint.pt").is_file()
     assert not (tmp_path / "a/train/pipeline").exists()
     cli("train", "--out", tmp_path / "a", *args)
@@ -93,6 +108,71 @@ def test_killed_training_resumes_to_same_weights(tmp_path, tiny_json):
     wa, _ = load_tensors_unet(tmp_path / "a")
     wb, _ = load_tensors_unet(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_damping_sweep_reuses_one_fit(tmp_path, finished_run):
+    """Damping is a score setting: three `score --damping` runs on a finished run leave the fit alone and give
+    three different score matrices; `run` then finds every stage up to date."""
+    out = tmp_path / "sweep"
+    shutil.copytree(finished_run[0], out)
+    fit_state = (out / "fit/stage.json").read_text()
+    fit_mtime = (out / "fit/curvature.safetensors").stat().st_mtime_ns
+    scores = []
+    for damping, mode in (("1e-3", "absolute"), ("10", "absolute"), ("0.1", "relative")):
+        p = cli("score", "--out", out, "--damping", damping, "--damping-mode", mode, "--no-progress")
+        assert "[score] running" in p.stderr and "[fit]" not in p.stderr, p.stderr
+        t, meta = load_tensors(str(out / "scores/scores.safetensors"))
+        assert meta["settings"]["damping"] == float(damping) and meta["settings"]["damping_mode"] == mode
+        scores.append(t["scores"])
+    assert (out / "fit/stage.json").read_text() == fit_state
+    assert (out / "fit/curvature.safetensors").stat().st_mtime_ns == fit_mtime
+    assert not torch.allclose(scores[0], scores[1]) and not torch.allclose(scores[1], scores[2])
+    p = cli("run", "--out", out, "--no-progress")
+    assert "[fit] up to date" in p.stderr and "[score] up to date" in p.stderr and "[report] running" in p.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["score"]["damping"] == 0.1 and "damping" not in run["settings"]["fit"]
+    assert "0.1 relative" in (out / "report/report.md").read_text()
+
+
+def test_settings_of_earlier_versions(tmp_path, capsys):
+    """A run.json with the earlier flat fit section (damping in fit, batch_size for draws per forward) is read
+    into the nested form; one that cannot be is refused with one line; so is a tensor file of the earlier
+    layout (metadata key "json")."""
+    (tmp_path / "run.json").write_text(json.dumps({"format": 1, "settings": {
+        "fit": {"method": "kfac", "approx": "reduce", "fisher": "empirical", "num_draws": 3, "damping": 0.01,
+                "damping_mode": "relative", "batch_size": 48, "seed": 5},
+        "score": {"measurement": "loss", "num_train_draws": 2, "batch_size": 24}}}))
+    args = app_cli.build_parser().parse_args(["score", "--out", str(tmp_path), "--fit-seed", "6"])
+    config = app_cli._resolve(args)
+    c = config.fit.curvature
+    assert (c.method, c.approx, c.fisher, c.num_draws, c.seed) == ("kfac", "reduce", "empirical", 3, 6)
+    assert config.fit.draws_per_forward == 48 and config.score.draws_per_forward == 24
+    assert (config.score.damping, config.score.damping_mode) == (0.01, "relative")
+
+    (tmp_path / "run.json").write_text(json.dumps({"format": 1, "settings": {"fit": {"curvature": 3}}}))
+    assert app_cli.main(["score", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.json" in err[0] and "fit.curvature" in err[0], err
+
+    from safetensors.torch import save_file
+    save_file({"images": torch.zeros(1)}, str(tmp_path / "old.safetensors"), metadata={"json": "{}"})
+    with pytest.raises(ValueError, match="earlier version"):
+        load_tensors(tmp_path / "old.safetensors")
+
+
+def test_renamed_flags_keep_their_old_names():
+    """--fit-batch-size / --score-batch-size are hidden aliases of the draws-per-forward flags; damping flags
+    belong to the score options and are accepted by fit, score, run and demo."""
+    parser = app_cli.build_parser()
+    args = parser.parse_args(["fit", "--out", "x", "--fit-batch-size", "7", "--score-batch-size", "9",
+                              "--damping", "0.5"])
+    assert vars(args)["fit.draws_per_forward"] == 7 and vars(args)["score.draws_per_forward"] == 9
+    assert vars(args)["score.damping"] == 0.5
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    text = subs["run"].format_help()
+    assert "--fit-draws-per-forward" in text and "--fit-batch-size" not in text
+    score_group = text[text.index("score options"):text.index("report options")]
+    assert "--damping " in score_group and "--damping-mode" in score_group
 
 
 def load_tensors_unet(out):
@@ -142,9 +222,7 @@ def test_bad_inputs_exit_with_one_line(tmp_path, tiny_json, finished_run):
 
 
 def test_help_lists_defaults():
-    from kfac_influence.cli import build_parser
-
-    parser = build_parser()
+    parser = app_cli.build_parser()
     subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
     for cmd in ("train", "sample", "fit", "score", "report", "run", "demo"):
         text = subs[cmd].format_help()

@@ -1,6 +1,6 @@
 """``python -m kfac_influence``: the ``kfac-influence`` command."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

@@ -1,4 +1,5 @@
-"""Atomic safetensors files with a JSON header, and model fingerprints.
+"""Atomic files (bytes, text, JSON, safetensors with a JSON header) and model fingerprints: the one storage module
+of the library, the application and the report.
 
 Header: ``{"format": FORMAT_VERSION, "kind": ..., ...}`` stored as the safetensors metadata entry "kfac_influence".
 Every write goes to a temporary file in the target folder, is fsynced, then renamed over the target.
@@ -36,8 +37,13 @@ def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_text(path: os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_json(path: os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save_tensors(path: os.PathLike, tensors: Dict[str, torch.Tensor], header: dict) -> None:
@@ -69,6 +75,8 @@ def load_tensors(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], dict]:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for corrupt files
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if META_KEY not in meta and "json" in meta:  # the application's files before storage.py was its only writer
+        raise ValueError(f"{path} was written by an earlier version of kfac-influence (metadata key 'json')")
     if META_KEY not in meta:
         raise ValueError(f"{path} was not written by kfac_influence (no '{META_KEY}' header)")
     header = json.loads(meta[META_KEY])

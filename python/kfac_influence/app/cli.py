@@ -6,7 +6,8 @@
 
 Settings are resolved as: the subcommand's defaults, then those recorded in ``OUT/run.json`` by an earlier
 command, then the options given; so a later command on the same folder only names what changes. Stages whose
-outputs exist with the same settings are skipped (see ``kfac_influence.diffusion.pipeline``).
+outputs exist with the same settings are skipped (see ``kfac_influence.app.runner``). A damping sweep reruns only the
+score stage: ``kfac-influence score --out runs/x --damping 1e-4`` (damping is a score setting).
 
 Errors in the input (missing files, corrupt images, incompatible models or factors) end the command with exit
 status 2 and a one-line message on stderr; ``--debug`` shows the traceback instead.
@@ -19,7 +20,13 @@ import os
 import sys
 from typing import List, Optional
 
-__all__ = ["main", "build_parser"]
+import torch
+
+from ..evaluation.cli import add_subcommands
+from .runner import Pipeline
+from .settings import RunConfig, upgrade_settings
+
+__all__ = ["main", "build_parser", "demo_settings"]
 
 SUPPRESS = argparse.SUPPRESS
 
@@ -43,73 +50,79 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-# (flag, section, field, type, choices, help); section None = top-level RunSettings field
+# (flags, section, field, type, choices, help): flags[0] is shown, the others are hidden aliases; section is the
+# dotted path of the settings section ("fit.curvature": RunConfig.fit.curvature), None for a top-level field.
 OPTIONS = {
     "data": [
-        ("--data", "data", "source", str, None, "training data: 'digits' (embedded), a folder of PNG/JPEG or an .npz"),
-        ("--image-size", "data", "image_size", _opt_int, None, "resize images to this size ('none': keep)"),
-        ("--limit", "data", "limit", _opt_int, None, "use a seeded random subset of this many examples ('none': all)"),
-        ("--data-seed", "data", "seed", int, None, "seed of the --limit subset"),
-        ("--channels", "data", "channels", _opt_int, None, "force 1 (grey) or 3 (RGB) channels ('none': infer)"),
+        (("--data",), "data", "source", str, None,
+         "training data: 'digits' (embedded), a folder of PNG/JPEG or an .npz"),
+        (("--image-size",), "data", "image_size", _opt_int, None, "resize images to this size ('none': keep)"),
+        (("--limit",), "data", "limit", _opt_int, None,
+         "use a seeded random subset of this many examples ('none': all)"),
+        (("--data-seed",), "data", "seed", int, None, "seed of the --limit subset"),
+        (("--channels",), "data", "channels", _opt_int, None, "force 1 (grey) or 3 (RGB) channels ('none': infer)"),
     ],
     "model": [
-        ("--model", "model", "spec", str, None,
+        (("--model",), "model", "spec", str, None,
          "model: preset (digits-tiny, cifar-ddpm), a .json UNet2DModel config or a local diffusers folder"),
-        ("--model-seed", "model", "seed", int, None, "initialisation seed of a preset/JSON model"),
-        ("--timesteps", "scheduler", "num_train_timesteps", int, None, "diffusion steps T"),
-        ("--beta-start", "scheduler", "beta_start", float, None, "first beta of the linear schedule"),
-        ("--beta-end", "scheduler", "beta_end", float, None, "last beta of the linear schedule"),
+        (("--model-seed",), "model", "seed", int, None, "initialisation seed of a preset/JSON model"),
+        (("--timesteps",), "scheduler", "num_train_timesteps", int, None, "diffusion steps T"),
+        (("--beta-start",), "scheduler", "beta_start", float, None, "first beta of the linear schedule"),
+        (("--beta-end",), "scheduler", "beta_end", float, None, "last beta of the linear schedule"),
     ],
     "train": [
-        ("--steps", "train", "steps", int, None, "optimiser steps (0: use the model as it is)"),
-        ("--batch-size", "train", "batch_size", int, None, "training batch size"),
-        ("--lr", "train", "lr", float, None, "AdamW learning rate"),
-        ("--weight-decay", "train", "weight_decay", float, None, "AdamW weight decay"),
-        ("--warmup-steps", "train", "warmup_steps", int, None, "linear learning-rate warmup steps"),
-        ("--grad-clip", "train", "grad_clip", float, None, "gradient-norm clipping (0: off)"),
-        ("--ema-decay", "train", "ema_decay", float, None, "EMA decay of the attributed weights"),
-        ("--checkpoint-every", "train", "checkpoint_every", int, None, "steps between training checkpoints"),
-        ("--seed", "train", "seed", int, None, "training seed (batches, timesteps, noise, dropout)"),
+        (("--steps",), "train", "steps", int, None, "optimiser steps (0: use the model as it is)"),
+        (("--batch-size",), "train", "batch_size", int, None, "training batch size (images per step)"),
+        (("--lr",), "train", "lr", float, None, "AdamW learning rate"),
+        (("--weight-decay",), "train", "weight_decay", float, None, "AdamW weight decay"),
+        (("--warmup-steps",), "train", "warmup_steps", int, None, "linear learning-rate warmup steps"),
+        (("--grad-clip",), "train", "grad_clip", float, None, "gradient-norm clipping (0: off)"),
+        (("--ema-decay",), "train", "ema_decay", float, None, "EMA decay of the attributed weights"),
+        (("--checkpoint-every",), "train", "checkpoint_every", int, None, "steps between training checkpoints"),
+        (("--seed",), "train", "seed", int, None, "training seed (batches, timesteps, noise, dropout)"),
     ],
     "sample": [
-        ("--num-queries", "sample", "num_queries", int, None, "generated images to attribute"),
-        ("--sample-seed", "sample", "seed", int, None, "query k is sampled with seed + k"),
-        ("--sample-steps", "sample", "num_inference_steps", _opt_int, None,
-         "DDPM sampling steps ('none': all T)"),
-        ("--sample-batch-size", "sample", "batch_size", int, None, "images per sampling batch"),
-        ("--record-trajectory", "sample", "record_trajectory", _bool, None, "keep the sampling trajectories"),
+        (("--num-queries",), "sample", "num_queries", int, None, "generated images to attribute"),
+        (("--sample-seed",), "sample", "seed", int, None, "query k is sampled with seed + k"),
+        (("--sample-steps",), "sample", "num_inference_steps", _opt_int, None, "DDPM sampling steps ('none': all T)"),
+        (("--sample-batch-size",), "sample", "batch_size", int, None, "images per sampling batch"),
+        (("--record-trajectory",), "sample", "record_trajectory", _bool, None, "keep the sampling trajectories"),
     ],
     "fit": [
-        ("--method", "fit", "method", str, ("ekfac", "kfac"), "curvature approximation"),
-        ("--approx", "fit", "approx", str, ("expand", "reduce"), "K-FAC flavour for weight sharing"),
-        ("--fisher", "fit", "fisher", str, ("mc", "empirical", "type2"), "GGN estimator"),
-        ("--fit-draws", "fit", "num_draws", int, None, "(t, eps) draws per training example for the curvature"),
-        ("--damping", "fit", "damping", float, None, "damping lambda (absolute) or rho (relative)"),
-        ("--damping-mode", "fit", "damping_mode", str, ("absolute", "relative"), "damping mode"),
-        ("--fit-batch-size", "fit", "batch_size", int, None, "draws per forward pass when fitting"),
-        ("--fit-seed", "fit", "seed", int, None, "seed of the curvature draws"),
-        ("--model-mode", None, "model_mode", str, ("eval", "train"),
+        (("--method",), "fit.curvature", "method", str, ("ekfac", "kfac"), "curvature approximation"),
+        (("--approx",), "fit.curvature", "approx", str, ("expand", "reduce"), "K-FAC flavour for weight sharing"),
+        (("--fisher",), "fit.curvature", "fisher", str, ("mc", "empirical", "type2"), "GGN estimator"),
+        (("--fit-draws",), "fit.curvature", "num_draws", int, None,
+         "(t, eps) draws per training example for the curvature"),
+        (("--fit-seed",), "fit.curvature", "seed", int, None, "seed of the curvature draws"),
+        (("--fit-draws-per-forward", "--fit-batch-size"), "fit", "draws_per_forward", int, None,
+         "(t, eps) draws per forward pass when fitting"),
+        (("--model-mode",), None, "model_mode", str, ("eval", "train"),
          "dropout off (eval) or on (train) for curvature, train and query gradients alike"),
-        ("--max-memory", None, "max_memory", _opt_str, None,
+        (("--max-memory",), None, "max_memory", _opt_str, None,
          "memory budget of the fit and score stages (e.g. 6GiB): picks their draws per forward pass, overriding "
-         "--fit-batch-size / --score-batch-size ('none': use those)"),
+         "--fit-draws-per-forward / --score-draws-per-forward ('none': use those)"),
     ],
     "score": [
-        ("--measurement", "score", "measurement", str,
+        (("--measurement",), "score", "measurement", str,
          ("loss", "elbo", "simplified_elbo", "square_norm", "sampling_trajectory_logprob"),
          "what is attributed for each query"),
-        ("--train-draws", "score", "num_train_draws", int, None, "(t, eps) draws per training example"),
-        ("--query-draws", "score", "num_query_draws", int, None, "(t, eps) draws per query"),
-        ("--draws", "score", "draws", str, ("stratified-antithetic", "plain"),
+        (("--train-draws",), "score", "num_train_draws", int, None, "(t, eps) draws per training example"),
+        (("--query-draws",), "score", "num_query_draws", int, None, "(t, eps) draws per query"),
+        (("--draws",), "score", "draws", str, ("stratified-antithetic", "plain"),
          "draw scheme for fit, train and query draws: stratified timesteps + antithetic noise, or i.i.d."),
-        ("--score-batch-size", "score", "batch_size", int, None, "draws per forward pass when scoring"),
-        ("--score-seed", "score", "seed", int, None, "seed of the train and query draws"),
-        ("--curvature", "score", "curvature", _opt_str, None, "use this curvature file instead of the fit stage"),
+        (("--damping",), "score", "damping", float, None,
+         "damping lambda (absolute) or rho (relative); only the score stage reruns when it changes"),
+        (("--damping-mode",), "score", "damping_mode", str, ("absolute", "relative"), "damping mode"),
+        (("--score-draws-per-forward", "--score-batch-size"), "score", "draws_per_forward", int, None,
+         "(t, eps) draws per forward pass when scoring"),
+        (("--score-seed",), "score", "seed", int, None, "seed of the train and query draws"),
+        (("--curvature",), "score", "curvature", _opt_str, None, "use this curvature file instead of the fit stage"),
     ],
     "report": [
-        ("--top-k", "report", "top_k", int, None, "training images shown per query and sign"),
-        ("--max-query-figures", "report", "max_query_figures", int, None, "per-query PNGs written"),
-        ("--summary-rows", "report", "summary_rows", int, None, "queries in the summary grid"),
+        (("--top-k",), "report", "top_k", int, None, "training images shown per query and sign"),
+        (("--max-query-figures",), "report", "max_query_figures", int, None, "per-query PNGs written"),
+        (("--summary-rows",), "report", "summary_rows", int, None, "queries in the summary grid"),
     ],
 }
 
@@ -134,30 +147,28 @@ DESCRIPTIONS = {
 }
 
 
-def demo_settings():
+def demo_settings() -> RunConfig:
     """CPU-sized defaults of ``demo``: the 8x8 digits, digits-tiny, short training, few draws."""
-    from .diffusion.pipeline import RunSettings
-
-    return RunSettings().merged({
+    return RunConfig().merged({
         "data": {"source": "digits", "image_size": None, "limit": None},
         "model": {"spec": "digits-tiny"},
         "train": {"steps": 1200, "batch_size": 128, "lr": 3e-3, "warmup_steps": 100, "ema_decay": 0.995,
                   "checkpoint_every": 500},
         "sample": {"num_queries": 16, "num_inference_steps": None, "batch_size": 64},
-        "fit": {"num_draws": 4, "batch_size": 256},
-        "score": {"num_train_draws": 8, "num_query_draws": 64, "batch_size": 256},
+        "fit": {"curvature": {"num_draws": 4}, "draws_per_forward": 256},
+        "score": {"num_train_draws": 8, "num_query_draws": 64, "draws_per_forward": 256},
         "report": {"top_k": 6},
     })
 
 
-def _defaults(command: str):
-    from .diffusion.pipeline import RunSettings
-
-    return demo_settings() if command == "demo" else RunSettings()
+def _defaults(command: str) -> RunConfig:
+    return demo_settings() if command == "demo" else RunConfig()
 
 
-def _value(settings, section, name):
-    obj = settings if section is None else getattr(settings, section)
+def _value(config: RunConfig, section: Optional[str], name: str):
+    obj = config
+    for part in (section.split(".") if section else ()):
+        obj = getattr(obj, part)
     return getattr(obj, name)
 
 
@@ -187,39 +198,49 @@ def build_parser() -> argparse.ArgumentParser:
         defaults = _defaults(command)
         for group in groups:
             g = p.add_argument_group(f"{group} options")
-            for flag, section, name, typ, choices, text in OPTIONS[group]:
+            for flags, section, name, typ, choices, text in OPTIONS[group]:
                 default = _value(defaults, section, name)
                 shown = "none" if default is None else default
-                g.add_argument(flag, dest=f"{section or '_'}.{name}", type=typ, choices=choices, default=SUPPRESS,
-                               help=f"{text} (default: {shown})", metavar=None if choices else name.upper())
-    from .evaluation.cli import add_subcommands  # lds, retrain-top
-
-    add_subcommands(sub)
+                dest = f"{section or '_'}.{name}"
+                metavar = None if choices else name.upper()
+                g.add_argument(flags[0], dest=dest, type=typ, choices=choices, default=SUPPRESS,
+                               help=f"{text} (default: {shown})", metavar=metavar)
+                for alias in flags[1:]:  # earlier names, still accepted
+                    g.add_argument(alias, dest=dest, type=typ, choices=choices, default=SUPPRESS, help=SUPPRESS,
+                                   metavar=metavar)
+    add_subcommands(sub)  # lds, retrain-top
     return parser
 
 
-def _resolve(args: argparse.Namespace):
-    """Defaults, then OUT/run.json, then explicit options."""
-    settings = _defaults(args.command)
-    run_json = os.path.join(args.out, "run.json")
-    if os.path.isfile(run_json):
-        try:
-            with open(run_json) as f:
-                recorded = json.load(f)["settings"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{run_json}: unreadable ({type(exc).__name__}); delete it or use another --out") \
-                from None
-        recorded.pop("device", None)
-        settings = settings.merged(recorded)
+def _recorded(out: str) -> Optional[dict]:
+    """The settings recorded in ``OUT/run.json`` (in this version's form), or None when there is none."""
+    run_json = os.path.join(out, "run.json")
+    if not os.path.isfile(run_json):
+        return None
+    try:
+        with open(run_json) as f:
+            recorded = json.load(f)["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{run_json}: unreadable ({type(exc).__name__}); delete it or use another --out") \
+            from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{run_json}: 'settings' is not a mapping; delete it or use another --out")
+    recorded = upgrade_settings(recorded)
+    recorded.pop("device", None)
+    return recorded
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """Nested ``{section: {...: {field: value}}}`` of the options given (dest "fit.curvature.method" etc.)."""
     overrides: dict = {}
     for key, value in vars(args).items():
         if "." not in key:
             continue
-        section, name = key.split(".", 1)
-        if section == "_":
-            overrides[name] = value
-        else:
-            overrides.setdefault(section, {})[name] = value
+        *path, name = key.split(".")
+        target = overrides
+        for part in path if path != ["_"] else []:
+            target = target.setdefault(part, {})
+        target[name] = value
     if hasattr(args, "device"):
         overrides["device"] = args.device
     # paths are recorded absolute, so later commands may run from another folder
@@ -227,28 +248,36 @@ def _resolve(args: argparse.Namespace):
         value = overrides.get(section, {}).get(name)
         if value and (section != "data" or value != "digits") and (section != "model" or os.path.exists(value)):
             overrides[section][name] = os.path.abspath(value)
-    return settings.merged(overrides)
+    return overrides
+
+
+def _resolve(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then OUT/run.json, then explicit options."""
+    config = _defaults(args.command)
+    recorded = _recorded(args.out)
+    if recorded is not None:
+        try:
+            config = config.merged(recorded)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{os.path.join(args.out, 'run.json')}: {exc}; delete it or use another --out") \
+                from None
+    return config.merged(_overrides(args))
 
 
 def _run(args: argparse.Namespace) -> int:
     if getattr(args, "func", None) is not None:  # evaluation subcommands
         return args.func(args)
-    import torch
-
-    from .diffusion.pipeline import Pipeline
-
-    settings = _resolve(args)
+    config = _resolve(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    pipe = Pipeline(args.out, settings, progress=not args.no_progress, command=args.command)
-    pipe.data()  # fail fast on unusable data, before any stage starts
+    pipe = Pipeline(args.out, config, progress=not args.no_progress, command=args.command)
+    pipe.ctx.data()  # fail fast on unusable data, before any stage starts
+    pipe.write_run_json()
     if args.command in ("run", "demo"):
-        pipe.write_run_json()
         for stage in pipe.stages_to_run():
             pipe.run_stage(stage, force=args.force)
     else:
-        pipe.write_run_json()
         pipe.run_stage(args.command, force=args.force)
     if args.command in ("run", "demo", "report"):
         report = os.path.join(args.out, "report", "report.md")

@@ -17,16 +17,24 @@ import argparse
 import os
 from typing import Optional
 
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..diffusion import DataConfig, TrainConfig, build_model, load_dataset, make_scheduler
+from ..storage import atomic_write_json
+from ..tasks import DiffusionTask
+from .ground_truth import diffusion_train_fn, task_measurements
+from .lds import LDSConfig, LDSRun
+from .retrain_top import RetrainTopConfig, retrain_top
+
 __all__ = ["add_subcommands"]
 
 
 def _load_tensor(path: str, key: Optional[str] = None):
-    import numpy as np
-    import torch
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
         d = load_file(path)
         if key and key in d:
             return d[key]
@@ -90,12 +98,6 @@ def add_subcommands(subparsers) -> None:
 
 
 def _setup(args):
-    import torch
-
-    from ..diffusion import DataConfig, TrainConfig, build_model, load_dataset, make_scheduler
-    from ..tasks import DiffusionTask
-    from .ground_truth import diffusion_train_fn, task_measurements
-
     data = load_dataset(DataConfig(source=args.data, limit=args.limit, seed=args.data_seed,
                                    image_size=args.image_size))
     images = data.images
@@ -122,9 +124,6 @@ def _setup(args):
 
 
 def run_lds(args) -> int:
-    from ..storage import atomic_write_json
-    from .lds import LDSConfig, LDSRun
-
     images, scores, train_fn, build, measure, key = _setup(args)
     cfg = LDSConfig(num_subsets=args.subsets, num_seeds=args.seeds, alpha=args.alpha, seed=args.subset_seed)
     run = LDSRun(os.path.join(args.out, "lds"), len(images), cfg, train_fn, build_fn=build, key=key)
@@ -147,9 +146,6 @@ def run_lds(args) -> int:
 
 
 def run_retrain_top(args) -> int:
-    from ..storage import atomic_write_json
-    from .retrain_top import RetrainTopConfig, retrain_top
-
     images, scores, train_fn, build, measure, key = _setup(args)
     cfg = RetrainTopConfig(percents=tuple(args.percents), num_seeds=args.seeds,
                            queries=tuple(args.query_index) if args.query_index else None)

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
+from ..storage import atomic_write_json, atomic_write_text
 from .classes import PixelClassifier, class_match
 from .figures import query_figure, samples_figure, summary_figure
-from .files import atomic_write_json, atomic_write_text
 
 __all__ = ["write_report"]
 
@@ -22,7 +22,7 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
 
     scores: ``{"scores": (Q, N), "train_ids": (N,), "query_ids": (Q,), "meta": {...}}``; samples: ``{"images":
     (Q, C, H, W), "seeds": (Q,)}``; data: the training ``ImageDataset`` (its ids must equal ``train_ids``);
-    settings: the run's ``RunSettings``. Returns the summary written to ``report.json``.
+    settings: the run's ``kfac_influence.app.RunConfig``. Returns the summary written to ``report.json``.
     """
     os.makedirs(report_dir, exist_ok=True)
     run_dir = run_dir or os.path.dirname(os.path.abspath(report_dir))
@@ -80,12 +80,13 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
 
     scores_path = os.path.join(run_dir, "scores", "scores.safetensors")
     s = settings
+    c = s.fit.curvature
     lines = [
         "# Influence report",
         "",
         f"{Q} generated images (queries) attributed to {N} training examples ({s.data.source}, images "
-        f"{'x'.join(str(v) for v in data.shape)}) with {s.fit.method.upper()} ({s.fit.approx}, {s.fit.fisher} "
-        f"Fisher, damping {s.fit.damping:g} {s.fit.damping_mode}) on the EMA weights of `{s.model.spec}` "
+        f"{'x'.join(str(v) for v in data.shape)}) with {c.method.upper()} ({c.approx}, {c.fisher} "
+        f"Fisher, damping {s.score.damping:g} {s.score.damping_mode}) on the EMA weights of `{s.model.spec}` "
         f"(model mode `{s.model_mode}`).",
         f"Measurement: `{s.score.measurement}`, {s.score.num_query_draws} draws per query, "
         f"{s.score.num_train_draws} per training example.",

@@ -1,0 +1,118 @@
+"""What the stages of one command share: the run folder, its settings and device, progress and log output, and
+the inputs loaded once: the training data, the models, the samples, the scores, the curvature, the diffusion task
+and the draws per forward pass (from the settings, or from ``--max-memory``)."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from ..curvature import Curvature, load_curvature
+from ..diffusion.data import ImageDataset, load_dataset
+from ..diffusion.models import ModelError, build_model, load_model, make_scheduler
+from ..memory import choose_draws_per_forward
+from ..storage import load_tensors
+from ..tasks import DiffusionTask
+from .layout import StageError
+from .settings import RunConfig
+
+__all__ = ["RunContext"]
+
+
+class RunContext:
+    """The run in folder ``out`` with settings ``config`` on ``config``'s device; ``progress``: show progress bars;
+    ``log``: receives one-line messages. Inputs are loaded on first use and kept."""
+
+    def __init__(self, out: str, config: RunConfig, progress: bool, log: Callable[[str], None]):
+        self.out = out
+        self.config = config
+        self.progress = progress
+        self.log = log
+        self.device = config.resolved_device()
+        self._data: Optional[ImageDataset] = None
+        self._trained = None
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def data(self) -> ImageDataset:
+        if self._data is None:
+            self._data = load_dataset(self.config.data)
+        return self._data
+
+    def initial_model(self):
+        """The model to train (a preset, a JSON config or a diffusers folder) and its scheduler, on the CPU."""
+        c, h, _ = self.data().shape
+        spec = self.config.model.spec
+        if os.path.isdir(spec):
+            model, scheduler = load_model(spec)
+            if model.config.in_channels != c:
+                raise ModelError(f"{spec}: the model takes {model.config.in_channels} channel(s) but the data "
+                                 f"has {c}")
+            return model, scheduler or make_scheduler(self.config.scheduler)
+        model = build_model(spec, seed=self.config.model.seed, in_channels=c, sample_size=h)
+        return model, make_scheduler(self.config.scheduler)
+
+    def trained(self):
+        """The EMA model (eval mode, on the run's device) and the scheduler written by the train stage."""
+        if self._trained is None:
+            model, scheduler = load_model(self.path("train", "pipeline"))
+            self._trained = (model.to(self.device).eval(), scheduler)
+        return self._trained
+
+    def forget_trained(self) -> None:
+        """Drop the cached trained model (after the train stage rewrote it)."""
+        self._trained = None
+
+    def _tensors(self, *parts: str):
+        path = self.path(*parts)
+        try:
+            return load_tensors(path)
+        except ValueError as exc:  # e.g. a file of an earlier version (metadata key "json")
+            raise StageError(f"{str(exc).splitlines()[0]}; rerun its stage with --force") from None
+
+    def samples(self) -> dict:
+        """``{"images": (Q, C, H, W), "seeds": (Q,), "timesteps": (S,)[, "trajectory": (Q, S + 1, C, H, W)]}``."""
+        return self._tensors("samples", "samples.safetensors")[0]
+
+    def scores(self) -> dict:
+        """``{"scores": (Q, N), "train_ids": (N,), "query_ids": (Q,), "meta": header}``."""
+        tensors, header = self._tensors("scores", "scores.safetensors")
+        tensors["meta"] = header
+        return tensors
+
+    def task(self, trajectory_timesteps=None) -> DiffusionTask:
+        """The diffusion task of the fit and score stages (measurement, draws, seed from the score settings)."""
+        _, scheduler = self.trained()
+        sc = self.config.score
+        extra = {} if trajectory_timesteps is None else {"trajectory_timesteps": trajectory_timesteps}
+        variance_reduced = sc.draws == "stratified-antithetic"
+        return DiffusionTask(scheduler, num_train_draws=sc.num_train_draws, num_query_draws=sc.num_query_draws,
+                             measurement=sc.measurement, seed=sc.seed, stratified=variance_reduced,
+                             antithetic=variance_reduced, **extra)
+
+    def curvature_path(self) -> str:
+        return self.config.score.curvature or self.path("fit", "curvature.safetensors")
+
+    def curvature(self, model) -> Curvature:
+        """The fitted (or given) curvature, checked against ``model``; a StageError says why it cannot be used."""
+        path = self.curvature_path()
+        if not os.path.isfile(path):
+            raise StageError(f"{path}: no such curvature file")
+        try:
+            return load_curvature(path, model)
+        except ValueError as exc:
+            raise StageError(f"{path}: cannot be used with this model: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:
+            raise StageError(f"{path}: not a readable curvature file ({type(exc).__name__})") from None
+
+    def draws_per_forward(self, model, task: DiffusionTask, stage: str, default: int, **sizes) -> int:
+        """``default``, or the largest number of draws per forward pass whose estimated peak fits ``max_memory``
+        (``kfac_influence.memory``; stage "fit" or "scores", sizes ``num_queries`` / ``num_examples``)."""
+        budget = self.config.max_memory
+        if budget is None:
+            return default
+        try:
+            return choose_draws_per_forward(model, task, self.data().images[:2], budget, stage=stage,
+                                            config=self.config.fit.curvature, **sizes)
+        except MemoryError as exc:
+            raise StageError(f"--max-memory {budget}: {exc}") from None

@@ -1,0 +1,84 @@
+"""Stage fingerprints (what a stage's outputs depend on) and the software environment recorded in ``run.json``.
+
+A stage's fingerprint is a hash of its own settings and of the fingerprints of the stages it reads:
+
+    train   data, model, scheduler, train
+    sample  train + sample (+ whether trajectories are recorded) + the samples file layout
+    fit     train + fit (curvature config, draws per forward) + the draw scheme + model_mode
+            (+ the score's num_train_draws when the curvature config leaves num_draws to the task)
+    score   fit (or the --curvature file's path, size and mtime) + sample + score (damping included) + model_mode
+    report  score + report
+
+Damping is a score setting: a damping sweep reruns the score stage only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Dict, Optional
+
+import torch
+
+from .settings import RunConfig
+
+__all__ = ["fingerprints", "needs_trajectory", "environment"]
+
+#: Version of the files the sample and score stages write (2: storage.py's header convention).
+FILE_LAYOUT = 2
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_signature(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def needs_trajectory(config: RunConfig) -> bool:
+    """Whether the sample stage records trajectories (asked for, or needed by the measurement)."""
+    return config.sample.record_trajectory or config.score.measurement == "sampling_trajectory_logprob"
+
+
+def fingerprints(config: RunConfig) -> Dict[str, str]:
+    """Fingerprint per stage (16 hex digits)."""
+    d = config.to_dict()
+    fp = {"train": _hash({"data": d["data"], "model": d["model"], "scheduler": d["scheduler"], "train": d["train"]})}
+    fp["sample"] = _hash({"train": fp["train"], "sample": d["sample"], "traj": needs_trajectory(config),
+                          "layout": FILE_LAYOUT})
+    fit = {"train": fp["train"], "fit": d["fit"], "model_mode": config.model_mode, "draws": config.score.draws}
+    if config.fit.curvature.num_draws is None:
+        fit["task_draws"] = config.score.num_train_draws
+    fp["fit"] = _hash(fit)
+    curvature = fp["fit"]
+    if config.score.curvature:
+        path = config.score.curvature
+        curvature = _file_signature(path) if os.path.isfile(path) else path
+    fp["score"] = _hash({"curvature": curvature, "sample": fp["sample"], "score": d["score"],
+                         "model_mode": config.model_mode, "layout": FILE_LAYOUT})
+    fp["report"] = _hash({"score": fp["score"], "report": d["report"]})
+    return fp
+
+
+def _version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Versions of everything that can change a result."""
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "kfac-kernels": _version("kfac-kernels"), "torch": torch.__version__, "diffusers": _version("diffusers"),
+        "numpy": _version("numpy"), "scikit-learn": _version("scikit-learn"), "safetensors": _version("safetensors"),
+        "matplotlib": _version("matplotlib"), "pillow": _version("pillow"), "triton": _version("triton"),
+        "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

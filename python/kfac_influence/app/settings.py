@@ -1,0 +1,236 @@
+"""The settings of one run: frozen, validated dataclasses, one per stage, and their JSON form.
+
+``RunConfig`` holds everything a run depends on. Its JSON form (``to_dict`` / ``RunConfig.from_dict``) is what
+``run.json`` records under ``"settings"`` and what the stage fingerprints hash: nested mappings, one per section,
+with the fit's ``curvature`` section nested inside ``fit`` (``{"fit": {"curvature": {"method": ...},
+"draws_per_forward": ...}}``). ``upgrade_settings`` maps the settings recorded by earlier versions (a flat ``fit``
+section, damping in ``fit``, ``batch_size`` for draws per forward pass) to this form.
+
+Vocabulary: ``draws_per_forward`` counts (t, eps) draws in one forward pass of the fit and score stages (not
+examples); ``batch_size`` in ``train`` and ``sample`` counts images.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, Optional
+
+import torch
+
+from ..curvature import CurvatureConfig
+from ..curvature.damping import Damping
+from ..diffusion.data import DataConfig
+from ..diffusion.models import SchedulerConfig
+from ..diffusion.training import TrainConfig
+from ..engine import MODEL_MODES
+from ..memory import parse_bytes
+from ..tasks.diffusion import MEASUREMENTS
+
+__all__ = ["ModelConfig", "SampleConfig", "FitConfig", "ScoreConfig", "ReportConfig", "RunConfig", "DRAW_SCHEMES",
+           "to_dict", "upgrade_settings"]
+
+DRAW_SCHEMES = ("stratified-antithetic", "plain")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """spec: preset name, ``.json`` UNet2DModel config, or a local diffusers folder; seed: initialisation seed."""
+
+    spec: str = "digits-tiny"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """num_queries: generated images to attribute; seed: sample k uses seed + k; num_inference_steps: DDPM steps
+    (None: all T); batch_size: images per sampling batch; record_trajectory: keep the ancestral trajectories (needed
+    by the ``sampling_trajectory_logprob`` measurement, which turns it on)."""
+
+    num_queries: int = 16
+    seed: int = 10_000
+    num_inference_steps: Optional[int] = None
+    batch_size: int = 64
+    record_trajectory: bool = False
+
+    def __post_init__(self):
+        if self.num_queries < 1 or self.batch_size < 1:
+            raise ValueError("num_queries and the sampling batch size must be >= 1")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """The curvature fit: ``curvature`` (``kfac_influence.CurvatureConfig``: method, approx, fisher, num_draws,
+    dtype, layer patterns, seed) and the stage's own ``draws_per_forward`` ((t, eps) draws per forward pass).
+    Damping is not here: it is chosen when scoring (``ScoreConfig``), so one fit serves a damping sweep."""
+
+    curvature: CurvatureConfig = CurvatureConfig(num_draws=250)
+    draws_per_forward: int = 32
+
+    def __post_init__(self):
+        if not isinstance(self.curvature, CurvatureConfig):
+            raise TypeError(f"FitConfig.curvature must be a CurvatureConfig, got {type(self.curvature).__name__}")
+        if self.draws_per_forward < 1:
+            raise ValueError(f"the fit's draws per forward pass must be >= 1, got {self.draws_per_forward}")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """measurement: what is attributed for each query (``loss`` recommended); num_train_draws / num_query_draws:
+    M draws per training example / query; draws: "stratified-antithetic" (stratified timesteps + antithetic noise,
+    the default; its effect on the digits benchmark is in bench/RESULTS.md) or "plain" (i.i.d., the paper's);
+    damping / damping_mode: lambda (absolute) or rho with lambda = rho * mean(Lambda) per layer (relative);
+    draws_per_forward: (t, eps) draws per forward pass; curvature: use this saved curvature file instead of the
+    fit stage."""
+
+    measurement: str = "loss"
+    num_train_draws: int = 250
+    num_query_draws: int = 250
+    draws: str = "stratified-antithetic"
+    damping: float = 1e-8
+    damping_mode: str = "absolute"
+    draws_per_forward: int = 32
+    seed: int = 0
+    curvature: Optional[str] = None
+
+    def __post_init__(self):
+        if self.measurement not in MEASUREMENTS:
+            raise ValueError(f"measurement must be one of {', '.join(MEASUREMENTS)}, got {self.measurement!r}")
+        if self.draws not in DRAW_SCHEMES:
+            raise ValueError(f"draws must be one of {', '.join(DRAW_SCHEMES)}, got {self.draws!r}")
+        if self.num_train_draws < 1 or self.num_query_draws < 1 or self.draws_per_forward < 1:
+            raise ValueError("numbers of draws and the scoring draws per forward pass must be >= 1")
+        object.__setattr__(self, "damping", self.as_damping().value)  # validated, a float
+
+    def as_damping(self) -> Damping:
+        return Damping(self.damping, self.damping_mode)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """top_k: training images shown per query and sign; max_query_figures: per-query PNGs written (the first ones);
+    summary_rows: queries in the summary grid."""
+
+    top_k: int = 6
+    max_query_figures: int = 64
+    summary_rows: int = 16
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.max_query_figures < 0 or self.summary_rows < 1:
+            raise ValueError("top_k and summary_rows must be >= 1, max_query_figures >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on. ``model_mode`` ("eval": dropout off, or "train": dropout on, seeded) is shared
+    by the curvature fit, train gradients and query gradients, so all three see the same network; ``max_memory``
+    (e.g. "6GiB") picks the fit's and the score's draws per forward pass instead of their settings."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    fit: FitConfig = FitConfig()
+    score: ScoreConfig = ScoreConfig()
+    report: ReportConfig = ReportConfig()
+    model_mode: str = "eval"
+    device: str = "auto"
+    max_memory: Optional[str] = None
+
+    def __post_init__(self):
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)  # raises ValueError on a malformed size
+        if self.model_mode not in MODEL_MODES:
+            raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {self.model_mode!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"unknown device {self.device!r}") from None
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """The inverse of ``to_dict``; missing keys keep their defaults, unknown keys are an error."""
+        return _from_dict(cls(), d, "run")
+
+    def merged(self, overrides: dict) -> "RunConfig":
+        """A copy with nested ``{section: {field: value}}`` overrides (``{field: value}`` for top-level fields)."""
+        d = self.to_dict()
+        _deep_update(d, overrides)
+        return RunConfig.from_dict(d)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def to_dict(config) -> dict:
+    """JSON form of a settings dataclass: nested dataclasses become mappings (through their own ``to_dict`` where
+    they have one, e.g. ``CurvatureConfig``'s dtype as a string)."""
+    out = {}
+    for f in fields(config):
+        v = getattr(config, f.name)
+        if hasattr(v, "to_dict"):
+            out[f.name] = v.to_dict()
+        elif is_dataclass(v):
+            out[f.name] = to_dict(v)
+        else:
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _from_dict(default, d: Any, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} settings must be a mapping, got {type(d).__name__}")
+    known = {f.name for f in fields(default)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {where} setting(s): {', '.join(sorted(unknown))}")
+    kw = {}
+    for name, v in d.items():
+        current = getattr(default, name)
+        kw[name] = _from_dict(current, v, f"{where}.{name}" if where != "run" else name) \
+            if is_dataclass(current) else v
+    return replace(default, **kw)
+
+
+def _deep_update(d: dict, overrides: dict) -> None:
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            _deep_update(d[k], v)
+        else:
+            d[k] = v
+
+
+_FLAT_FIT_KEYS = ("method", "approx", "fisher", "num_draws", "dtype", "modules", "exclude", "seed")
+
+
+def upgrade_settings(recorded: dict) -> dict:
+    """Settings recorded by an earlier version, in this version's form (a copy; current settings pass unchanged).
+
+    Before damping moved to scoring, ``fit`` held CurvatureConfig's fields flat next to ``damping``,
+    ``damping_mode`` and ``batch_size``, and ``score`` had ``batch_size``: the curvature fields move into
+    ``fit.curvature``, damping into ``score`` (unless ``score`` names its own), ``batch_size`` becomes
+    ``draws_per_forward``."""
+    d = copy.deepcopy(recorded)
+    fit, score = d.get("fit"), d.get("score")
+    if isinstance(fit, dict):
+        curvature = fit.setdefault("curvature", {})
+        for key in _FLAT_FIT_KEYS:
+            if key in fit and isinstance(curvature, dict):
+                curvature.setdefault(key, fit.pop(key))
+        if "damping" in fit or "damping_mode" in fit:
+            if score is None:
+                score = d["score"] = {}
+            for key in ("damping", "damping_mode"):
+                if key in fit and isinstance(score, dict):
+                    score.setdefault(key, fit.pop(key))
+        if "batch_size" in fit:
+            fit.setdefault("draws_per_forward", fit.pop("batch_size"))
+    if isinstance(score, dict) and "batch_size" in score:
+        score.setdefault("draws_per_forward", score.pop("batch_size"))
+    return d

@@ -1,0 +1,111 @@
+"""The stage bodies: each writes its outputs (``layout.OUTPUTS``) into its folder ``d``, atomically.
+
+A body assumes its dependencies are done (the runner checks) and resumes from the checkpoints a previous,
+interrupted run of the same fingerprint left in ``d``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Dict
+
+import torch
+
+from ..diffusion.models import save_pipeline
+from ..diffusion.sampling import ddpm_sample
+from ..diffusion.training import train as train_model
+from ..curvature import fit_curvature
+from ..report.figures import samples_figure
+from ..report.writer import write_report
+from ..scoring import pairwise_scores
+from ..storage import atomic_write_json, save_tensors
+from .context import RunContext
+from .fingerprints import needs_trajectory
+from .layout import StageError
+from .settings import to_dict
+
+__all__ = ["BODIES", "SCORE_CONVENTION"]
+
+SCORE_CONVENTION = ("S[q, n] > 0: removing training example n is predicted to raise the query's measurement "
+                    "(for loss: make the query less likely)")
+
+
+def train(ctx: RunContext, d: str) -> None:
+    """Train the initial model; write the EMA model (``pipeline/``) and the losses."""
+    model, scheduler = ctx.initial_model()
+    model.to(ctx.device)
+    checkpoints = os.path.join(d, "checkpoints")
+    result = train_model(model, scheduler, ctx.data().images, ctx.config.train, checkpoint_dir=checkpoints,
+                         progress=ctx.progress, device=ctx.device)
+    save_pipeline(result.model.cpu(), scheduler, os.path.join(d, "pipeline"))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # optimiser state, no longer needed
+    atomic_write_json(os.path.join(d, "losses.json"), {"resumed_from": result.resumed_from,
+                                                       "losses": result.losses})
+    if result.losses:
+        tail = result.losses[-min(100, len(result.losses)):]
+        ctx.log(f"[train] mean loss of the last {len(tail)} steps: {sum(tail) / len(tail):.4f}")
+    ctx.forget_trained()
+
+
+def sample(ctx: RunContext, d: str) -> None:
+    """Generate the queries; write ``samples.safetensors`` and ``samples.png``."""
+    model, scheduler = ctx.trained()
+    s = ctx.config.sample
+    res = ddpm_sample(model, scheduler, s.num_queries, ctx.data().shape, seed=s.seed, batch_size=s.batch_size,
+                      num_inference_steps=s.num_inference_steps, record_trajectory=needs_trajectory(ctx.config),
+                      progress=ctx.progress, device=ctx.device)
+    tensors = {"images": res.images, "seeds": res.seeds, "timesteps": res.timesteps}
+    if res.trajectory is not None:
+        tensors["trajectory"] = res.trajectory
+    save_tensors(os.path.join(d, "samples.safetensors"), tensors, {"kind": "samples", "settings": to_dict(s)})
+    samples_figure(os.path.join(d, "samples.png"), res.images,
+                   [f"q{i} s{int(x)}" for i, x in enumerate(res.seeds)])
+
+
+def fit(ctx: RunContext, d: str) -> None:
+    """Fit the curvature of the training loss on the EMA model; write ``curvature.safetensors``."""
+    model, _ = ctx.trained()
+    f = ctx.config.fit
+    task = ctx.task()
+    draws = ctx.draws_per_forward(model, task, "fit", f.draws_per_forward)
+    checkpoints = os.path.join(d, "checkpoints")
+    curvature = fit_curvature(model, task, ctx.data().images, f.curvature, draws_per_forward=draws,
+                              checkpoint_dir=checkpoints, progress=ctx.progress, model_mode=ctx.config.model_mode)
+    curvature.save(os.path.join(d, "curvature.safetensors"))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # resumable state, no longer needed
+
+
+def score(ctx: RunContext, d: str) -> None:
+    """Score every query against every training example at the score settings' damping; write
+    ``scores.safetensors`` (scores (Q, N) float32, train_ids (N,), query_ids (Q,))."""
+    model, _ = ctx.trained()
+    curvature = ctx.curvature(model)
+    samples = ctx.samples()
+    sc = ctx.config.score
+    trajectories = sc.measurement == "sampling_trajectory_logprob"
+    queries = samples["trajectory"] if trajectories else samples["images"]
+    task = ctx.task(trajectory_timesteps=samples["timesteps"].tolist() if trajectories else None)
+    data = ctx.data()
+    draws = ctx.draws_per_forward(model, task, "scores", sc.draws_per_forward, num_queries=len(queries),
+                                  num_examples=len(data.images))
+    checkpoints = os.path.join(d, "checkpoints")
+    scores = pairwise_scores(model, task, curvature, queries.to(ctx.device), data.images, draws_per_forward=draws,
+                             damping=sc.damping, damping_mode=sc.damping_mode, progress=ctx.progress,
+                             model_mode=ctx.config.model_mode, checkpoint_dir=checkpoints)
+    scores = scores.float().cpu()
+    if not torch.isfinite(scores).all():
+        raise StageError("scores contain NaN or infinite values (try a larger --damping)")
+    save_tensors(os.path.join(d, "scores.safetensors"),
+                 {"scores": scores, "train_ids": data.ids, "query_ids": samples["seeds"]},
+                 {"kind": "scores", "measurement": sc.measurement, "settings": to_dict(sc),
+                  "curvature": ctx.curvature_path(), "convention": SCORE_CONVENTION})
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def report(ctx: RunContext, d: str) -> None:
+    """Write the visual report (PNGs, ``report.md``, ``report.json``)."""
+    write_report(d, ctx.scores(), ctx.samples(), ctx.data(), ctx.config, ctx.out)
+
+
+BODIES: Dict[str, Callable[[RunContext, str], None]] = {
+    "train": train, "sample": sample, "fit": fit, "score": score, "report": report}
