@@ -244,7 +244,7 @@ def test_class_match_statistic():
     assert cm.negative == 0.5 and cm.per_query.tolist() == [0.5, 0.5]
 
 
-def test_max_memory_picks_batch_sizes_or_fails_clearly(tmp_path, tiny_json):
+def test_max_memory_picks_draws_per_forward_or_fails_clearly(tmp_path, tiny_json):
     out = tmp_path / "mm"
     p = cli("run", "--out", out, "--model", tiny_json, *FAST, "--max-memory", "1KiB", check=False)
     _one_line_error(p, "--max-memory 1KiB")

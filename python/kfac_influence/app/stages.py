@@ -11,10 +11,10 @@ from typing import Callable, Dict
 
 import torch
 
+from ..curvature import fit_curvature
 from ..diffusion.models import save_pipeline
 from ..diffusion.sampling import ddpm_sample
 from ..diffusion.training import train as train_model
-from ..curvature import fit_curvature
 from ..report.figures import samples_figure
 from ..report.writer import write_report
 from ..scoring import pairwise_scores
