@@ -18,8 +18,9 @@ TINY = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channe
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
         "norm_num_groups": 4, "attention_head_dim": None}
 TRAIN_FAST = ["--limit", "40", "--steps", "6", "--batch-size", "8", "--checkpoint-every", "2", "--no-progress"]
-FAST = TRAIN_FAST + ["--num-queries", "3", "--sample-steps", "4", "--fit-draws", "1", "--train-draws", "1", "--query-draws", "2", "--top-k", "2",
-        "--fit-draws-per-forward", "64", "--score-draws-per-forward", "64"]
+FAST = TRAIN_FAST + ["--num-queries", "3", "--sample-steps", "4", "--fit-draws", "1", "--train-draws", "1",
+                     "--query-draws", "2", "--top-k", "2", "--fit-draws-per-forward", "64",
+                     "--score-draws-per-forward", "64"]
 
 
 def cli(*args, env=None, check=True):

@@ -1,13 +1,13 @@
 """``kfac-influence``: the attribution pipeline from the command line.
 
-    kfac-influence demo --out runs/demo          # everything on the embedded digits, CPU-sized (~10 min, 2 cores)
+    kfac-influence demo --out runs/demo          # everything on the embedded digits, CPU-sized (README: timing)
     kfac-influence run --out runs/x --data imgs/ --model cifar-ddpm --device cuda
     kfac-influence train|sample|fit|score|report --out runs/x [options]   # one stage
 
 Settings are resolved as: the subcommand's defaults, then those recorded in ``OUT/run.json`` by an earlier
 command, then the options given; so a later command on the same folder only names what changes. Stages whose
-outputs exist with the same settings are skipped (see ``kfac_influence.app.runner``). A damping sweep reruns only the
-score stage: ``kfac-influence score --out runs/x --damping 1e-4`` (damping is a score setting).
+outputs exist with the same settings are skipped (see ``kfac_influence.app.runner``). Damping is a score setting:
+``kfac-influence score --out runs/x --damping 1e-4`` reruns only the score stage, on the existing fit.
 
 Errors in the input (missing files, corrupt images, incompatible models or factors) end the command with exit
 status 2 and a one-line message on stderr; ``--debug`` shows the traceback instead.
@@ -140,10 +140,11 @@ DESCRIPTIONS = {
     "train": "Train the model (AdamW, warmup, clipping, EMA) with resumable checkpoints; writes OUT/train/.",
     "sample": "Generate the query images by DDPM ancestral sampling; writes OUT/samples/.",
     "fit": "Fit the (E)K-FAC curvature of the training loss on the EMA model; writes OUT/fit/.",
-    "score": "Score every query against every training example; writes OUT/scores/scores.safetensors.",
+    "score": "Score every query against every training example at the given damping (the fit is reused); "
+             "writes OUT/scores/scores.safetensors.",
     "report": "Write the visual report (PNGs, report.md, class-match statistic); writes OUT/report/.",
     "run": "All stages in order, skipping those whose outputs exist with the same settings.",
-    "demo": "`run` on the embedded digits with defaults sized for a CPU (about ten minutes on 2 cores).",
+    "demo": "`run` on the embedded digits with defaults sized for a CPU (minutes on 2 cores).",
 }
 
 
