@@ -253,3 +253,27 @@ def test_max_memory_picks_draws_per_forward_or_fails_clearly(tmp_path, tiny_json
     cli("run", "--out", out, "--model", tiny_json, *FAST, "--max-memory", "512MiB")
     assert (out / "scores/scores.safetensors").is_file()
     assert json.loads((out / "run.json").read_text())["settings"]["max_memory"] == "512MiB"
+
+
+def test_run_config_round_trips_through_json_and_fingerprints_follow_the_stages():
+    """run.json's settings (FitConfig embedding a CurvatureConfig) read back to the same RunConfig; damping
+    changes the score fingerprint only (and the report's, which reads the scores), the curvature config the fit's."""
+    from kfac_influence import CurvatureConfig
+    from kfac_influence.app import FitConfig, RunConfig, ScoreConfig
+    from kfac_influence.app.fingerprints import fingerprints
+
+    config = RunConfig(fit=FitConfig(CurvatureConfig(method="kfac", num_draws=3, dtype=torch.float64,
+                                                     modules=("down*",), exclude=("*attn*",), seed=4),
+                                     draws_per_forward=8),
+                       score=ScoreConfig(damping=0.5, damping_mode="relative", draws_per_forward=16))
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.to_dict()["fit"]["curvature"]["dtype"] == "float64"
+    base = fingerprints(config)
+    damped = fingerprints(config.merged({"score": {"damping": 0.25}}))
+    assert [st for st in base if base[st] != damped[st]] == ["score", "report"]
+    refit = fingerprints(config.merged({"fit": {"curvature": {"fisher": "empirical"}}}))
+    assert [st for st in base if base[st] != refit[st]] == ["fit", "score", "report"]
+    with pytest.raises(ValueError, match="damping"):
+        ScoreConfig(damping=-1.0)
+    with pytest.raises(ValueError, match="draws per forward"):
+        FitConfig(draws_per_forward=0)

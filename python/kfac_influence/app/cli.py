@@ -276,8 +276,7 @@ def _run(args: argparse.Namespace) -> int:
     pipe.ctx.data()  # fail fast on unusable data, before any stage starts
     pipe.write_run_json()
     if args.command in ("run", "demo"):
-        for stage in pipe.stages_to_run():
-            pipe.run_stage(stage, force=args.force)
+        pipe.run_all(force=args.force)
     else:
         pipe.run_stage(args.command, force=args.force)
     if args.command in ("run", "demo", "report"):

@@ -107,5 +107,5 @@ class Pipeline:
         return "done"
 
     def run_all(self, force: bool = False) -> Dict[str, str]:
-        self.write_run_json()
+        """Every stage of ``stages_to_run`` in order: ``{stage: "skipped" | "done"}``."""
         return {st: self.run_stage(st, force=force) for st in self.stages_to_run()}
