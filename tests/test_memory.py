@@ -91,3 +91,45 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects(bad):
     with pytest.raises(ValueError):
         parse_bytes(bad)
+
+
+def _cross_unet_footprint(tokens, device="cpu"):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from conditional_models import text_unet
+
+    model = text_unet(size=8, dtype=torch.float32).to(device)
+    task = DiffusionTask(scheduler(), num_train_draws=1, condition="text")
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(2, 1, 8, 8, generator=g), torch.randn(2, tokens, 12, generator=g))
+    with sdpa_kernel(SDPBackend.MATH):  # the meta device decomposes attention the same way
+        return measure_footprint(model, task, data)
+
+
+def test_cross_attention_layers_take_the_tokens_as_positions():
+    fp3, fp7 = _cross_unet_footprint(3), _cross_unet_footprint(7)
+    layers = {n: (di, do, r) for n, di, do, r in fp3.layers}
+    # block 0 (8x8, 8 channels), the middle block (4x4, 16 channels), the last up block (8x8, 8 channels, two
+    # attentions); to_k / to_v / to_q have no bias
+    down, mid = "down_blocks.0.attentions.0.transformer_blocks.0", "mid_block.attentions.0.transformer_blocks.0"
+    assert layers[f"{down}.attn2.to_k"] == (12, 8, 3) and layers[f"{down}.attn2.to_v"] == (12, 8, 3)
+    assert layers[f"{mid}.attn2.to_k"] == (12, 16, 3)
+    assert layers[f"{down}.attn1.to_k"] == (8, 8, 64) and layers[f"{mid}.attn1.to_k"] == (16, 16, 16)
+    assert layers[f"{down}.attn2.to_q"] == (8, 8, 64)  # queries: the image positions
+    cross = [n for n in layers if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert len(cross) == 8
+    # factors and per-example gradients of the cross-attention keys / values are counted, whatever the tokens
+    assert fp7.factor_numel == fp3.factor_numel and fp7.grad_numel == fp3.grad_numel
+    assert sum(layers[n][0] * layers[n][1] for n in cross) == 12 * (6 * 8 + 2 * 16)
+    # four more tokens: exactly four more positions of every key / value projection in the output gradients
+    assert fp7.out_bytes_per_row - fp3.out_bytes_per_row == 4 * (4 * (6 * 8 + 2 * 16))
+    # and at least the four more tokens' embeddings (kept for the keys' and values' backward) in the activations
+    assert fp7.act_bytes_per_row - fp3.act_bytes_per_row >= 4 * 4 * 12
+    e3, e7 = estimate(fp3, "fit", 8), estimate(fp7, "fit", 8)
+    assert e3.fixed == e7.fixed and e7.per_row > e3.per_row
+
+
+def test_footprint_on_the_meta_device_equals_the_cpu_one():
+    """bench/memory_table.py sizes Stable Diffusion on the meta device (no weights): the same footprint as on
+    the CPU with the math attention kernel (the meta device's decomposition)."""
+    assert _cross_unet_footprint(5, "meta") == _cross_unet_footprint(5)

@@ -88,6 +88,13 @@ class MemoryEstimate:
         return self.fixed + self.draws_per_forward * self.per_row + self.scratch
 
 
+def _storage_key(t: torch.Tensor):
+    """Identity of a tensor's storage: the storage object itself (views share it). Not its address: on the meta
+    device every storage has address 0, and a footprint measured there (no memory, any model size) must still
+    tell tensors apart."""
+    return t.untyped_storage()._cdata
+
+
 def _unique_bytes(tensors, exclude) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -95,8 +102,8 @@ def _unique_bytes(tensors, exclude) -> int:
             st = t.untyped_storage()
         except Exception:
             continue
-        key = (st.data_ptr(), st.nbytes())
-        if st.data_ptr() in exclude or key in seen:
+        key = st._cdata
+        if key in exclude or key in seen:
             continue
         seen.add(key)
         total += st.nbytes()
@@ -106,15 +113,17 @@ def _unique_bytes(tensors, exclude) -> int:
 def measure_footprint(model: nn.Module, task, sample: Any, *, config: CurvatureConfig = CurvatureConfig(),
                       purpose: str = "fit", model_mode: str = "eval") -> Footprint:
     """Forward the first example of ``sample`` (its ``M`` draws; at least 2 rows) with capture on and count
-    what the forward keeps. ``sample``: the kind of data passed to ``fit_curvature`` (one or more examples)."""
+    what the forward keeps. ``sample``: the kind of data passed to ``fit_curvature`` (one or more examples, with
+    their conditions for a conditional task). Works for a model on the meta device (built under
+    ``torch.device("meta")``: no memory, no weights), which sizes models too large to instantiate; activations are
+    then those of the meta device's attention kernel choice (see bench/memory_table.py)."""
     device, dtype = model_device_dtype(model)
     modules = select_layers(model, config.modules, config.exclude)
     capture = LayerCapture(modules)
     idx = torch.arange(min(2, num_examples(sample)))
     rows = task.draws(get_batch(sample, idx), idx, purpose, num_draws=1, seed=0).to(device, dtype)
     n = len(rows)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    params = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
     saved = []
     with use_model_mode(model, model_mode), torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(t) or t, lambda t: t):

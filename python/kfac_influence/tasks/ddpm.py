@@ -13,7 +13,7 @@ exactly diffusers' ``DDPMScheduler.step``. Sampling itself lives in ``kfac_influ
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -38,14 +38,17 @@ def prev_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
     return prev
 
 
-def epsilon(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The model's noise prediction: ``model(x, t).sample`` (diffusers) or ``model(x, t)`` (a plain module)."""
-    out = model(x, t)
+def epsilon(model, x: torch.Tensor, t: torch.Tensor, condition: Optional[Mapping[str, torch.Tensor]] = None
+            ) -> torch.Tensor:
+    """The model's noise prediction: ``model(x, t, **condition).sample`` (diffusers) or ``model(x, t, **condition)``
+    (a plain module); ``condition``: keywords such as ``class_labels`` or ``encoder_hidden_states``, one row each."""
+    out = model(x, t, **(condition or {}))
     return out.sample if hasattr(out, "sample") else out
 
 
-def transition(model, scheduler, x_t: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor):
-    """Mean and standard deviation of ``p_theta(x_prev | x_t)``.
+def transition(model, scheduler, x_t: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
+               condition: Optional[Mapping[str, torch.Tensor]] = None):
+    """Mean and standard deviation of ``p_theta(x_prev | x_t)`` (under ``condition``, passed on to ``epsilon``).
 
     x_t: ``(B, C, H, W)``; t, prev_t: ``(B,)`` int64 (``prev_t = -1`` for the last step).
     Returns ``mean (B, C, H, W)`` (differentiable in the model's parameters) and ``std (B, 1, 1, 1)`` (0 on the last
@@ -57,7 +60,7 @@ def transition(model, scheduler, x_t: torch.Tensor, t: torch.Tensor, prev_t: tor
     abar_p = torch.where(prev_t >= 0, abar_all[prev_t.clamp(min=0)], one).view(-1, 1, 1, 1)
     alpha = abar_t / abar_p
     beta = 1.0 - alpha
-    eps = epsilon(model, x_t, t.to(x_t.device))
+    eps = epsilon(model, x_t, t.to(x_t.device), condition)
     x0 = (x_t - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()
     if getattr(scheduler.config, "clip_sample", False):
         r = float(getattr(scheduler.config, "clip_sample_range", 1.0))

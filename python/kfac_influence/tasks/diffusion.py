@@ -14,15 +14,27 @@ example is predicted to RAISE it, i.e. make the query less likely):
   sampling_trajectory_logprob  minus the log-probability of a recorded ancestral trajectory: queries are
                    trajectories (Q, S+1, C, H, W) from ``kfac_influence.diffusion.ddpm_sample``; each
                    stochastic step is one row (weight 1: the measurement sums over steps)
+
+Conditional models (``condition="class"`` / ``"text"``, see ``tasks.conditioning``): every training example and
+every query carries its condition (a class label, or token embeddings ``(L, E)`` with an optional mask), repeated
+for each of its draws (example-major, like x_t) in ``Draws.data`` under the model keyword it is passed as
+(``class_labels``, ``encoder_hidden_states``, ``encoder_attention_mask``); the forward pass is
+``model(x_t, t, **condition)``. The loss of a training example is taken under its own condition (the one it was
+trained with), and so is the measurement of a query (the one it was generated with). For a sample generated with
+classifier-free guidance, ``measurement`` is the measurement of the conditional model at the query's condition,
+not of the guided mixture ``(1 + w) eps(x, t, c) - w eps(x, t, null)``: the mixture is not a model that training
+fits, its "loss" has no likelihood meaning, and the guidance scale w is a sampling choice (docs/conditional.md).
+To attribute under the null condition instead, give the query the null condition.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 
 from .base import MSETask, Draws, example_generator
+from .conditioning import CONDITION_KEYS, Conditioning, check_model_condition, split_batch
 from .ddpm import default_timesteps, transition
 
 UNIFORM_T = ("loss", "elbo", "simplified_elbo", "square_norm")
@@ -50,13 +62,21 @@ class DiffusionTask(MSETask):
             Both apply to every purpose for measurements with uniform t (queries of other measurements keep plain
             draws). Their effect on the digits LDS benchmark: bench/RESULTS.md. The pipeline turns them on, this
             class leaves them off by default.
+        condition: None (unconditional: ``model(x_t, t)``; a batch's items after the images are ignored),
+            "class" (batches ``(images, labels (B,) int)`` or dicts with "image" and "class_label"), "text"
+            (batches ``(images, embeddings (B, L, E)[, mask (B, L)])`` or dicts with "image",
+            "encoder_hidden_states" and optionally "encoder_attention_mask"), or a ``Conditioning`` that also
+            fixes ``num_classes`` / ``embed_dim``. Training data and queries take the same form. Mismatches with
+            a diffusers model's config (labels out of range of num_class_embeds, embeddings of another width than
+            cross_attention_dim, a conditional model without condition) raise ``ValueError``.
     """
 
     def __init__(self, scheduler, *, num_train_draws: int = 250, num_query_draws: int = 250,
                  measurement: str = "loss", timestep: Optional[int] = None,
                  timestep_weights: Optional[Sequence[float]] = None, seed: int = 0,
                  trajectory_timesteps: Optional[Sequence[int]] = None, share_draws: bool = False,
-                 stratified: bool = False, antithetic: bool = False):
+                 stratified: bool = False, antithetic: bool = False,
+                 condition: Union[None, str, Conditioning] = None):
         betas = scheduler if isinstance(scheduler, torch.Tensor) else getattr(scheduler, "betas", None)
         if betas is None:
             raise TypeError("scheduler must be a betas tensor or have a `betas` attribute (diffusers DDPMScheduler)")
@@ -88,6 +108,7 @@ class DiffusionTask(MSETask):
                             ("loss_at_time", "weighted_loss", "sampling_trajectory_logprob")):
             raise ValueError("share_draws needs num_query_draws == num_train_draws and a measurement with uniform t")
         self.share_draws = bool(share_draws)
+        self.conditioning = Conditioning.of(condition)
         self.stratified = bool(stratified)
         self.antithetic = bool(antithetic)
         self.measurement_name = measurement
@@ -123,7 +144,7 @@ class DiffusionTask(MSETask):
     def draws(self, batch, indices: torch.Tensor, purpose: str, *, num_draws: int, seed: int) -> Draws:
         if purpose == "query" and self.measurement_name == "sampling_trajectory_logprob":
             return self._trajectory_rows(batch, indices)
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x, cond = split_batch(batch, self.conditioning)
         if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
             raise ValueError(f"DiffusionTask expects float images (B, C, H, W), got "
                              f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
@@ -150,10 +171,11 @@ class DiffusionTask(MSETask):
                 "t": t}
         if xis:
             data["xi"] = torch.cat(xis).to(x.dtype)
+        data.update({k: v.repeat_interleave(m, dim=0) for k, v in cond.items()})
         return Draws(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
 
     def _trajectory_rows(self, batch, indices: torch.Tensor) -> Draws:
-        traj = batch[0] if isinstance(batch, (tuple, list)) else batch
+        traj, cond = split_batch(batch, self.conditioning)
         if not torch.is_tensor(traj) or traj.dim() != 5:
             raise ValueError("sampling_trajectory_logprob queries must be trajectories (Q, S+1, C, H, W) with "
                              "x_T first and x_0 last")
@@ -168,17 +190,32 @@ class DiffusionTask(MSETask):
         data = {"x_in": traj[:, keep].reshape((q * k,) + traj.shape[2:]),
                 "x_out": traj[:, keep + 1].reshape((q * k,) + traj.shape[2:]),
                 "t": ts[keep].repeat(q), "prev_t": prev[keep].repeat(q)}
+        data.update({name: v.repeat_interleave(k, dim=0) for name, v in cond.items()})
         return Draws(indices.repeat_interleave(k), torch.arange(k).repeat(q), 1.0, data)
 
+    @staticmethod
+    def condition_of(rows: Draws) -> Dict[str, torch.Tensor]:
+        """The model keywords ``rows`` carry (empty for unconditional draws)."""
+        return {k: rows.data[k] for k in CONDITION_KEYS if k in rows.data}
+
     def forward(self, model: torch.nn.Module, rows: Draws) -> torch.Tensor:
+        cond = self.condition_of(rows)
+        check_model_condition(model, self.conditioning, cond)
         if "x_in" in rows.data:  # one ancestral step per row: the model's mean of p(x_prev | x_t)
-            mean, _ = transition(model, self.scheduler, rows.data["x_in"], rows.data["t"], rows.data["prev_t"])
+            mean, _ = transition(model, self.scheduler, rows.data["x_in"], rows.data["t"], rows.data["prev_t"],
+                                 condition=cond)
             return mean
         try:
-            out = model(rows.data["x_t"], rows.data["t"])
+            out = model(rows.data["x_t"], rows.data["t"], **cond)
         except RuntimeError as e:
-            raise ValueError(f"the model rejected inputs of shape {tuple(rows.data['x_t'].shape)} "
+            shapes = "".join(f", {k} {tuple(v.shape)}" for k, v in cond.items())
+            raise ValueError(f"the model rejected inputs of shape {tuple(rows.data['x_t'].shape)}{shapes} "
                              f"(expected input shape?): {str(e).splitlines()[0]}") from e
+        except TypeError as e:
+            if not cond or "unexpected keyword" not in str(e):
+                raise
+            raise ValueError(f"the model does not take the condition keywords {sorted(cond)} "
+                             f"(condition={self.conditioning.kind!r}): {e}") from e
         out = getattr(out, "sample", out)
         if out.shape != rows.data["x_t"].shape:
             raise ValueError(f"the model predicts shape {tuple(out.shape)} for inputs {tuple(rows.data['x_t'].shape)};"
