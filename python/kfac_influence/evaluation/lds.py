@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -36,6 +37,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..storage import atomic_write_json, load_tensors, save_tensors
 from .stats import MeanSE, spearman_rows
@@ -197,7 +199,6 @@ class LDSRun:
         todo = [jk for jk in (jobs if jobs is not None else self.jobs) if not self.model_path(*jk).exists()]
         if not todo:
             return 0
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc="retrain subsets", disable=not progress, unit="model")
         if num_workers <= 1:
             for j, k in todo:
@@ -243,7 +244,6 @@ class LDSRun:
 
         ``measure_fn(model)`` returns ``(Q,)`` (stored as target ``name``) or ``{target: (Q,)}``; it must use the
         same draws for every model (common random numbers; see ``ground_truth.task_measurements``)."""
-        from tqdm.auto import tqdm
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"bad measurement name {name!r}")
         todo = [jk for jk in self.jobs if not self.measurement_path(name, *jk).exists()]
@@ -284,7 +284,6 @@ def _worker(run: LDSRun, jobs, threads: int) -> None:  # pragma: no cover - runs
             if not run.model_path(j, k).exists():
                 run._train_one(j, k)
     except BaseException as e:  # report and exit non-zero; the parent raises
-        import traceback
         traceback.print_exc()
         code = 1
         del e

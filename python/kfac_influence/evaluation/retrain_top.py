@@ -13,6 +13,7 @@ Cache (atomic writes; a rerun resumes): ``root/models/{full|top|random}..safeten
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..storage import atomic_write_json, load_tensors, save_tensors
 from .stats import MeanSE
@@ -89,7 +91,6 @@ def retrain_top(root, scores: torch.Tensor, train_fn: Callable[[torch.Tensor, in
     ``measure_fn(model) -> (Q,)`` the measurement of every query (common random numbers, e.g.
     ``ground_truth.task_measurements``); ``build_fn() -> model`` lets a cached model be measured without
     retraining it."""
-    from tqdm.auto import tqdm
     root = Path(root)
     scores = torch.as_tensor(scores).double().cpu()
     if scores.dim() != 2:
@@ -156,7 +157,6 @@ def retrain_top(root, scores: torch.Tensor, train_fn: Callable[[torch.Tensor, in
 
 
 def _digest(t: torch.Tensor) -> str:
-    import hashlib
     return hashlib.sha256(t.double().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
