@@ -9,8 +9,10 @@ one per-example gradient has W values), K-FAC factor bytes 4 * sum_l (d_in'^2 + 
 eigenbases Q_A, Q_G are as large again), EK-FAC eigenvalue bytes 4 W, per-example gradient bytes 4 W, the
 cross-attention keys / values' share (``attn2.to_k`` / ``attn2.to_v``: d_in' = the text width, R = the tokens),
 and ``measure_footprint``'s per-draw terms for a float32 model: ``out`` (output gradients of the tracked layers,
-4 sum_l R_l d_out) and ``act`` (what autograd keeps for backward; on the meta device, whose attention kernel
-choice may differ from a GPU's, so a guide, not a bound).
+4 sum_l R_l d_out) and ``act`` (what autograd keeps for backward). The meta device runs attention as the math
+kernel does (tests/test_memory.py: the same footprint as the CPU under ``SDPBackend.MATH``), which keeps each
+attention's probabilities (heads x L_q x L_k per draw, the ``probs`` column); flash and memory-efficient kernels
+(CUDA) keep a log-sum-exp instead, so there ``act`` is about ``act - probs`` (the ``act, flash`` column).
 """
 from __future__ import annotations
 
@@ -52,8 +54,35 @@ def models():
         sample
 
 
+def attention_probs_bytes(model, task, sample, itemsize: int = 4) -> int:
+    """Bytes per draw of the attention probabilities of every diffusers ``Attention`` call (heads x L_q x L_k)."""
+    from diffusers.models.attention_processor import Attention
+
+    total = [0]
+
+    def hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        enc = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        lq = h.shape[1] if h.dim() == 3 else h.shape[2] * h.shape[3]
+        lk = lq if enc is None else enc.shape[1]
+        total[0] += module.heads * lq * lk * itemsize
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, Attention)]
+    try:
+        from kfac_influence.data_iter import get_batch
+        rows = task.draws(get_batch(sample, torch.arange(1)), torch.arange(1), "fit", num_draws=1, seed=0)
+        with torch.no_grad():
+            task.forward(model, rows.to(torch.device("meta"), torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
 def row(name, model, task, sample) -> dict:
     fp = measure_footprint(model, task, sample)
+    probs = attention_probs_bytes(model, task, sample)
     cross = [(di, do, r) for n, di, do, r in fp.layers if n.endswith(("attn2.to_k", "attn2.to_v"))]
     f_ag = sum(di * di + do * do for _, di, do, _ in fp.layers)
     return {"model": name, "params": sum(p.numel() for p in model.parameters()), "tracked_layers": len(fp.layers),
@@ -61,7 +90,8 @@ def row(name, model, task, sample) -> dict:
             "per_example_grad_bytes": 4 * fp.grad_numel, "cross_layers": len(cross),
             "cross_factor_bytes": 4 * sum(di * di + do * do for di, do, _ in cross),
             "cross_W": sum(di * do for di, do, _ in cross), "D": fp.output_numel,
-            "out_bytes_per_draw": fp.out_bytes_per_row, "act_bytes_per_draw": fp.act_bytes_per_row}
+            "out_bytes_per_draw": fp.out_bytes_per_row, "act_bytes_per_draw": fp.act_bytes_per_row,
+            "attention_probs_bytes_per_draw": probs}
 
 
 def fmt_bytes(b: int) -> str:
@@ -81,15 +111,16 @@ def main(argv=None):
         print(json.dumps(rows, indent=2))
         return
     print("| model | P | tracked layers | W | factors A, G (fp32) | EK-FAC eigenvalues | per-example gradient | "
-          "cross-attn k/v: layers, factors, W | out / draw | act / draw (meta) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "cross-attn k/v: layers, factors, W | out / draw | act / draw | probs / draw | act, flash / draw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cross = f"{r['cross_layers']}, {fmt_bytes(r['cross_factor_bytes'])}, {r['cross_W'] / 1e6:.2f}M" \
             if r["cross_layers"] else "-"
         print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['tracked_layers']} | {r['W'] / 1e6:.1f}M | "
               f"{fmt_bytes(r['factor_bytes'])} | {fmt_bytes(r['eigenvalue_bytes'])} | "
               f"{fmt_bytes(r['per_example_grad_bytes'])} | {cross} | {fmt_bytes(r['out_bytes_per_draw'])} | "
-              f"{fmt_bytes(r['act_bytes_per_draw'])} |")
+              f"{fmt_bytes(r['act_bytes_per_draw'])} | {fmt_bytes(r['attention_probs_bytes_per_draw'])} | "
+              f"{fmt_bytes(r['act_bytes_per_draw'] - r['attention_probs_bytes_per_draw'])} |")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ def test_draws_carry_each_examples_condition_example_major():
     rows = task.draws((x, emb, mask), torch.arange(4), "query", num_draws=2, seed=0)
     assert torch.equal(rows.data["encoder_hidden_states"], emb[rows.example])
     assert torch.equal(rows.data["encoder_attention_mask"], mask[rows.example])
+    ds = DictDataset(image=x, encoder_hidden_states=emb, encoder_attention_mask=mask)
+    collated = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    from_dict = task.draws(collated, torch.arange(4), "query", num_draws=2, seed=0)
+    assert all(torch.equal(from_dict.data[k], rows.data[k]) for k in rows.data) and from_dict.data.keys() == \
+        rows.data.keys()
     rows = task.draws((x, emb), torch.arange(4), "query", num_draws=2, seed=0)
     assert "encoder_attention_mask" not in rows.data
     # unconditional: items after the images are ignored, as before conditioning existed
@@ -181,6 +186,14 @@ def test_conditioning_settings_are_validated():
         Conditioning("class", embed_dim=8)
     with pytest.raises(TypeError, match="condition must be None"):
         DiffusionTask(scheduler(), condition=3)
+    # the conditioning is part of the task's identity (checkpoints and stored scores record it)
+    from kfac_influence.identity import task_fingerprint
+    sch = scheduler()
+    prints = {task_fingerprint(DiffusionTask(sch, condition=c)) for c in
+              (None, "class", Conditioning("class", num_classes=3), "text", Conditioning("text", embed_dim=12))}
+    assert len(prints) == 5
+    assert task_fingerprint(DiffusionTask(sch, condition="class")) == \
+        task_fingerprint(DiffusionTask(sch, condition=Conditioning("class")))
 
 
 # ------------------------------------------------------------------------------------------------ curvlinops

@@ -31,7 +31,10 @@ def example_generator(seed: int, purpose: str, index: int) -> torch.Generator:
 @dataclass
 class Draws:
     """A chunk of draws. ``example: (n,)`` global example index of each row, ``draw: (n,)`` draw index,
-    ``weight``: 1/M (each row's share of its example's mean), ``data``: tensors with leading dim n."""
+    ``weight``: 1/M (each row's share of its example's mean), ``data``: tensors with leading dim n (for a
+    conditional diffusion task also each row's condition, under the model keyword it is passed as:
+    ``tasks.conditioning.CONDITION_KEYS``). ``to`` moves every tensor to the device and casts floating ones to
+    the model's dtype (integer labels and boolean masks keep theirs)."""
     example: torch.Tensor
     draw: torch.Tensor
     weight: float
