@@ -117,3 +117,31 @@ def test_encode_rejects_bad_inputs():
         encode_latents(vae(), images().flatten(1))
     with pytest.raises(TypeError, match="latent_dist"):
         encode_latents(torch.nn.Conv2d(1, 1, 1).double(), images())
+
+
+def test_latent_diffusion_attributes_the_unet_on_cached_latents(tmp_path, one_thread):
+    """The library flow of a latent model: images encoded once, curvature and scores of the (class-conditional)
+    UNet on the latents, the VAE untouched and untracked, generated latents decoded for viewing."""
+    from diffusers import UNet2DModel
+
+    from kfac_influence import CurvatureConfig, fit_curvature, pairwise_scores
+    from kfac_influence.tasks import DiffusionTask
+    from helpers import scheduler
+
+    v, x = vae(), images(6)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    before = {k: p.clone() for k, p in v.state_dict().items()}
+    z = encode_latents(v, x, tmp_path / "z.safetensors", batch_size=4)
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=4, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=3).to(F64)
+    task = DiffusionTask(scheduler(), num_train_draws=2, num_query_draws=2, condition="class")
+    curv = fit_curvature(unet, task, (z, labels), CurvatureConfig(method="kfac", dtype=F64), draws_per_forward=4, progress=False)
+    queries = (torch.randn(2, 2, 4, 4, dtype=F64), torch.tensor([1, 2]))  # generated latents, their labels
+    S = pairwise_scores(unet, task, curv, queries, (z, labels), draws_per_forward=4, progress=False, damping=1e-3)
+    assert S.shape == (2, 6) and torch.isfinite(S).all()
+    tracked = set(curv.module_names)
+    assert tracked == {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert all(torch.equal(p, before[k]) for k, p in v.state_dict().items())
+    assert decode_latents(v, queries[0]).shape == (2, 1, 8, 8)
