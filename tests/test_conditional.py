@@ -1,7 +1,7 @@
 """Conditional diffusion (class labels, token embeddings with a mask) through DiffusionTask(condition=...).
 
-References, none of which goes through the task's conditioning: curvlinops 3.0.1 KFACLinearOperator on the
-conditional UNets (each draw one data point, the condition part of its input X); a dense float64 GGN solve with
+References, none of which goes through the task's conditioning: curvlinops 3.0.1 KFACLinearOperator and
+EKFACLinearOperator on the conditional UNets (each draw one data point, the condition part of its input X); a dense float64 GGN solve with
 autograd per-example gradients on a model whose only tracked layer makes K-FAC type-2 the exact GGN; explicit
 per-example gradients of the UNets under the conditions indexed from the original tensors, preconditioned by a
 dense solve of (A (x) G + lambda I). The draws of the references come from the unconditional twin of the task
@@ -99,6 +99,19 @@ def test_trajectory_queries_carry_their_condition():
     other, _ = transition(model, sch, rows.data["x_in"], rows.data["t"], rows.data["prev_t"],
                           condition={"class_labels": (labels[rows.example] + 1) % 3})
     assert (other - mean).abs().max() > 1e-6
+
+
+def test_guided_epsilon_is_the_classifier_free_mixture():
+    from kfac_influence.tasks.ddpm import epsilon, guided_epsilon
+
+    model, (x, y) = class_unet(num_classes=4), class_data(3, 5)
+    t = torch.tensor([5, 500, 900])
+    c, null = {"class_labels": y}, {"class_labels": torch.full_like(y, 3)}  # label 3: the reserved null class
+    with torch.no_grad():
+        eps_c, eps_u = model(x, t, class_labels=y).sample, model(x, t, class_labels=null["class_labels"]).sample
+        torch.testing.assert_close(guided_epsilon(model, x, t, c, null, 2.5), 3.5 * eps_c - 2.5 * eps_u)
+        assert torch.equal(guided_epsilon(model, x, t, c, null, 0.0), eps_c)
+        assert torch.equal(epsilon(model, x, t, c), eps_c)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -251,6 +264,40 @@ def test_conditional_factors_match_curvlinops(kind, approx, one_thread):
         key = f"unet.{name}"
         assert_same_kron(curv.A(name), curv.G(name), op._input_covariances[key], op._gradient_covariances[key],
                          name)
+
+
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_conditional_ekfac_matches_curvlinops(kind, one_thread):
+    """EK-FAC (eigenbases and corrected eigenvalues, type-2, expand) equals curvlinops' EKFACLinearOperator as an
+    operator: Q_G [(Q_G^T V Q_A) * Lambda] Q_A^T for random V (basis-free; factor 1)."""
+    curvlinops = pytest.importorskip("curvlinops")
+    unet, data = (class_unet(), class_data(3, 1)) if kind == "class" else (text_unet(), text_data(3, 1))
+    task = DiffusionTask(scheduler(), num_train_draws=2, condition=kind)
+    cfg = CurvatureConfig(method="ekfac", fisher="type2", dtype=F64, seed=3)
+    curv = fit_curvature(unet, task, data, cfg, draws_per_forward=4, progress=False)
+    rows = task.draws(data, torch.arange(3), "fit", num_draws=2, seed=3)
+    keys = [k for k in ("x_t", "t", "class_labels", "encoder_hidden_states", "encoder_attention_mask")
+            if k in rows.data]
+    batches = [({k: rows.data[k][s:s + 4] for k in keys}, rows.data["target"][s:s + 4].flatten(1))
+               for s in range(0, len(rows), 4)]
+    params = [p for n, m in unet.named_modules() if n in curv.module_names for p in m.parameters(recurse=False)]
+    op = curvlinops.EKFACLinearOperator(Flat(unet), torch.nn.MSELoss(reduction="mean"), params, batches,
+                                        fisher_type="type-2", kfac_approx="expand", separate_weight_and_bias=False,
+                                        check_deterministic=False, num_data=len(rows),
+                                        batch_size_fn=lambda X: X["x_t"].shape[0])
+    op.compute_kronecker_factors()
+    op.compute_eigenvalue_correction()
+    g = torch.Generator().manual_seed(0)
+    for name in curv.module_names:
+        key = f"unet.{name}"
+        (qa, qg), lam = curv.eigenbases(name), curv.eigenvalues(name)
+        qa2, qg2 = op._input_covariances_eigenvectors[key], op._gradient_covariances_eigenvectors[key]
+        lam2 = op._corrected_eigenvalues[key]
+        lam2 = next(iter(lam2.values())) if isinstance(lam2, dict) else lam2  # layers without bias: by parameter
+        V = torch.randn(lam.shape, generator=g, dtype=F64)
+        ours = qg @ ((qg.T @ V @ qa) * lam) @ qa.T
+        theirs = qg2 @ ((qg2.T @ V @ qa2) * lam2) @ qa2.T
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12 * float(theirs.abs().max()), msg=name)
 
 
 # ------------------------------------------------------------------------------- scores against brute force

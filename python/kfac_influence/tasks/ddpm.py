@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
-__all__ = ["default_timesteps", "prev_timesteps", "epsilon", "transition"]
+__all__ = ["default_timesteps", "prev_timesteps", "epsilon", "guided_epsilon", "transition"]
 
 
 def default_timesteps(scheduler, num_inference_steps: Optional[int] = None) -> torch.Tensor:
@@ -44,6 +44,18 @@ def epsilon(model, x: torch.Tensor, t: torch.Tensor, condition: Optional[Mapping
     (a plain module); ``condition``: keywords such as ``class_labels`` or ``encoder_hidden_states``, one row each."""
     out = model(x, t, **(condition or {}))
     return out.sample if hasattr(out, "sample") else out
+
+
+def guided_epsilon(model, x: torch.Tensor, t: torch.Tensor, condition: Mapping[str, torch.Tensor],
+                   null_condition: Mapping[str, torch.Tensor], guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``(1 + w) eps(x, t, c) - w eps(x, t, null)`` with ``w = guidance_scale``
+    (``w = 0``: the conditional prediction, one forward). A sampling-time rule only: measurements are taken under
+    the query's own condition, never of this mixture (docs/conditional.md)."""
+    w = float(guidance_scale)
+    eps_c = epsilon(model, x, t, condition)
+    if w == 0.0:
+        return eps_c
+    return (1.0 + w) * eps_c - w * epsilon(model, x, t, null_condition)
 
 
 def transition(model, scheduler, x_t: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
