@@ -1,4 +1,7 @@
 """Resume after interruption, atomic storage, load mismatch, and clear errors for bad input."""
+import os
+import signal
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,6 +10,7 @@ from kfac_influence import CurvatureConfig, fit_curvature, load_curvature, pairw
 from kfac_influence.curvature.damping import Damping
 from kfac_influence.engine import CheckpointMismatch
 from kfac_influence.identity import settings_fingerprint
+from kfac_influence.storage import load_tensors
 from kfac_influence.tasks import DiffusionTask, RegressionTask
 
 from helpers import scheduler, tiny_unet
@@ -200,3 +204,51 @@ def test_bad_inputs_give_clear_errors():
         DiffusionTask(scheduler(), measurement="likelihood")
     with pytest.raises(ValueError, match="loss_at_time needs timestep"):
         DiffusionTask(scheduler(), measurement="loss_at_time")
+
+
+class SignallingTask(DiffusionTask):
+    """Sends ``sig`` to this process from inside the ``at``-th call of ``draws`` (mid-pass, mid-group)."""
+
+    def __init__(self, *args, sig=None, at=None, **kw):
+        super().__init__(*args, **kw)
+        self.sig, self.at, self.calls = sig, at, 0
+
+    def draws(self, *args, **kw):
+        self.calls += 1
+        if self.sig is not None and self.calls == self.at:
+            os.kill(os.getpid(), self.sig)
+        return super().draws(*args, **kw)
+
+    def fingerprint(self):
+        return settings_fingerprint(self, exclude=("sig", "at", "calls"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stage", ["fit", "score"])
+def test_signal_checkpoints_then_stops_and_resumes_identically(tmp_path, sig, stage):
+    unet, x = setup()
+    cfg = CurvatureConfig(dtype=F64, num_draws=2)
+    # group 3 of the pass asks to stop; no periodic checkpoint would come before the end (1 h interval)
+    run = dict(draws_per_forward=4, progress=False, checkpoint_dir=tmp_path, checkpoint_seconds=3600)
+    plain = SignallingTask(scheduler(), num_train_draws=2, num_query_draws=2)
+    curv = fit_curvature(unet, plain, x, cfg, draws_per_forward=4, progress=False)
+    full = pairwise_scores(unet, plain, curv, x[:2], x, draws_per_forward=4, progress=False)
+    task = SignallingTask(scheduler(), num_train_draws=2, num_query_draws=2, sig=sig,
+                          at=3 if stage == "fit" else 4)  # scoring: call 1 is the query pass
+    with pytest.raises(KeyboardInterrupt, match=signal.Signals(sig).name):
+        if stage == "fit":
+            fit_curvature(unet, task, x, cfg, **run)
+        else:
+            pairwise_scores(unet, task, curv, x[:2], x, **run)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    saved = load_tensors(tmp_path / ("fit_state.safetensors" if stage == "fit" else "score_state.safetensors"))[1]
+    assert saved["next_group"] == 3  # the group in which the signal came was finished, then saved
+    resumed = SignallingTask(scheduler(), num_train_draws=2, num_query_draws=2)
+    if stage == "fit":
+        again = fit_curvature(unet, resumed, x, cfg, **run)
+        assert resumed.calls < 2 * 5  # both passes of 5 groups would be 10 calls
+        for n in curv.module_names:
+            for k in ("A", "G", "QA", "QG", "Lambda"):
+                assert torch.equal(curv.factors[n][k], again.factors[n][k]), (n, k)
+    else:
+        assert torch.equal(pairwise_scores(unet, resumed, curv, x[:2], x, **run), full)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,15 +277,22 @@ class CheckpointMismatch(ValueError):
 
 class Checkpoint:
     """The resumable state file of a pass: ``identity`` (what the state was computed from) is stored with it and
-    compared on load; ``due(next_group)`` says when to save between groups: every ``every`` groups, or
-    ``seconds`` seconds after the last save (whichever first). ``folder`` None: no checkpointing."""
+    compared on load. Between groups the pass asks ``should_save(next_group)``: every ``every`` groups, or
+    ``seconds`` seconds after the last save (whichever first), or once SIGINT / SIGTERM arrived inside
+    ``deferring_signals()``; after the save, ``after_save()`` raises ``KeyboardInterrupt`` if a signal asked to
+    stop. ``folder`` None: no checkpointing (signals keep their usual effect)."""
 
     def __init__(self, folder: Optional[Path], name: str, identity: Dict[str, Any], *,
                  every: Optional[int] = None, seconds: float = 60.0):
+        if every is not None and int(every) < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 groups, got {every}")
+        if not seconds > 0:
+            raise ValueError(f"checkpoint_seconds must be > 0, got {seconds}")
         self.path = Path(folder) / name if folder is not None else None
         self.identity = identity
-        self.every, self.seconds = every, seconds
+        self.every, self.seconds = every, float(seconds)
         self._last = time.monotonic()
+        self._signal: Optional[int] = None
 
     @property
     def enabled(self) -> bool:
@@ -309,11 +318,41 @@ class Checkpoint:
         save_tensors(self.path, tensors, {**self.identity, **progress})
         self._last = time.monotonic()
 
-    def due(self, next_group: int) -> bool:
+    def should_save(self, next_group: int) -> bool:
         if self.path is None:
             return False
-        return (self.every is not None and next_group % self.every == 0) or \
+        return self._signal is not None or (self.every is not None and next_group % self.every == 0) or \
             time.monotonic() - self._last >= self.seconds
+
+    def after_save(self) -> None:
+        """Stop the pass (``KeyboardInterrupt``) if a deferred signal asked for it; the state is saved."""
+        if self._signal is not None:
+            name = signal.Signals(self._signal).name
+            self._signal = None
+            raise KeyboardInterrupt(f"{name}: stopped after saving the checkpoint {self.path}")
+
+    @contextlib.contextmanager
+    def deferring_signals(self):
+        """While the pass runs (main thread, checkpointing on): the first SIGINT / SIGTERM is held until the
+        current group ends, which is then checkpointed before the pass stops; a second one stops at once."""
+        if self.path is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def hold(signum, frame):
+            if self._signal is not None:  # asked twice: stop now (the last checkpoint stays valid)
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+            self._signal = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, hold)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.after_save()  # a signal held past the last group: the work is saved, stop as asked
 
 
 def _json_like(v):

@@ -182,7 +182,7 @@ def _finish_factors(state: _FitState, specs: Dict[str, LayerSpec], config: Curva
 def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConfig = CurvatureConfig(), *,
                   draws_per_forward: int = 32, checkpoint_dir: Optional[os.PathLike] = None, progress: bool = True,
                   model_mode: str = "eval", checkpoint_every: Optional[int] = None,
-                  shard: Shard = Shard()) -> Curvature:
+                  checkpoint_seconds: float = 60.0, shard: Shard = Shard()) -> Curvature:
     """Fit (E)K-FAC curvature of ``task``'s training loss on ``data``.
 
     Args:
@@ -192,7 +192,9 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
             inputs refuses it (``engine.CheckpointMismatch``) instead of resuming.
         model_mode: "eval" (dropout off, default) or "train" (dropout on, masks seeded per chunk); use the same
             mode for scoring.
-        checkpoint_every: save every this many groups of examples (default: every 60 s).
+        checkpoint_every: save every this many groups of examples; checkpoint_seconds: and at the end of the
+            first group this long after the last save. SIGINT / SIGTERM during the fit stop it at the end of the
+            current group, after saving (a second signal stops at once).
         shard: this process's share of the data (``kfac_influence.distributed.fit_curvature`` passes it); the
             result is the same on every rank and equals one process's up to float64 summation order.
     """
@@ -215,14 +217,16 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
                 "groups": [groups.start, groups.stop]}
     if checkpoint_dir is not None:  # hashing the data costs a read: only where a checkpoint needs it
         identity["data"] = data_fingerprint(data)
-    ckpt = Checkpoint(shard.checkpoint_dir(checkpoint_dir), STATE_FILE, identity, every=checkpoint_every)
+    ckpt = Checkpoint(shard.checkpoint_dir(checkpoint_dir), STATE_FILE, identity, every=checkpoint_every,
+                      seconds=checkpoint_seconds)
     loaded = ckpt.load()
     state = _FitState.restore(loaded, specs, device) if loaded else _FitState(specs, device, groups.start)
 
     def after_group(next_group: int) -> None:
         state.next_group = next_group
-        if ckpt.due(next_group):
+        if ckpt.should_save(next_group):
             state.save(ckpt)
+            ckpt.after_save()
 
     def chunks(stage: str):
         return draw_pass(model, task, capture, data, "fit", num_draws=m, seed=config.seed,
@@ -230,39 +234,41 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
                          progress=progress, desc=f"curvature {stage}", model_mode=model_mode,
                          after_group=after_group)
 
-    if state.stage == "factors":
-        def add_g(name, calls):
-            state.sums[f"{name}::G"] += finite_layer_sum(name, output_covariance(specs[name], calls, config.approx),
-                                                         calls)
-        for chunk in chunks("factors"):
-            for name, calls in capture.records.items():
-                xs = [x for x, _, _ in calls]
-                cov, count = input_covariance(specs[name], xs, config.approx)
-                state.sums[f"{name}::A"] += finite_layer_sum(name, cov, [(x, None) for x in xs])
-                state.counts[f"{name}::A"] += int(count)
-            chunk.fisher_backward(task, config.fisher, add_g)
-            state.counts["draws"] += len(chunk.draws)
-    # Eigendecompositions (float64); the sums of A and G give way to the results: the eigenvalue pass holds A, G
-    # and their eigenbases in the stored dtype, and a checkpoint carries them (docs/memory.md). Ranks meet here
-    # even when resumed past it, since another rank may not be.
-    if (state.stage == "factors" or not shard.single) and \
-            _finish_factors(state, specs, config, dtype, device, shard, groups.start):
+    with ckpt.deferring_signals():
+        if state.stage == "factors":
+            def add_g(name, calls):
+                cov = output_covariance(specs[name], calls, config.approx)
+                state.sums[f"{name}::G"] += finite_layer_sum(name, cov, calls)
+            for chunk in chunks("factors"):
+                for name, calls in capture.records.items():
+                    xs = [x for x, _, _ in calls]
+                    cov, count = input_covariance(specs[name], xs, config.approx)
+                    state.sums[f"{name}::A"] += finite_layer_sum(name, cov, [(x, None) for x in xs])
+                    state.counts[f"{name}::A"] += int(count)
+                chunk.fisher_backward(task, config.fisher, add_g)
+                state.counts["draws"] += len(chunk.draws)
+        # Eigendecompositions (float64); the sums of A and G give way to the results: the eigenvalue pass holds
+        # A, G and their eigenbases in the stored dtype, and a checkpoint carries them (docs/memory.md). Ranks
+        # meet here even when resumed past it, since another rank may not be.
+        if (state.stage == "factors" or not shard.single) and \
+                _finish_factors(state, specs, config, dtype, device, shard, groups.start):
+            state.save(ckpt)
+        res = state.results
+        if state.stage == "eigen":
+            bases = {nm: tuple(res.get(f"{nm}::{q}_pass", res[f"{nm}::{q}"]) for q in ("QA", "QG"))
+                     for nm in specs}
+
+            def add_lambda(name, calls):
+                a, g = calls_as_rows(specs[name], calls, patches=True)
+                qa, qg = bases[name]
+                state.sums[f"{name}::Lambda"] += finite_layer_sum(name, kk.eigenvalue_correction(
+                    a, g, qa, qg, append_one=specs[name].has_bias), calls)
+
+            for chunk in chunks("eigenvalues"):
+                chunk.fisher_backward(task, config.fisher, add_lambda)
+                state.counts["eigen_draws"] += len(chunk.draws)
+            state.stage = "done"
         state.save(ckpt)
-    res = state.results
-    if state.stage == "eigen":
-        bases = {nm: tuple(res.get(f"{nm}::{q}_pass", res[f"{nm}::{q}"]) for q in ("QA", "QG")) for nm in specs}
-
-        def add_lambda(name, calls):
-            a, g = calls_as_rows(specs[name], calls, patches=True)
-            qa, qg = bases[name]
-            state.sums[f"{name}::Lambda"] += finite_layer_sum(name, kk.eigenvalue_correction(
-                a, g, qa, qg, append_one=specs[name].has_bias), calls)
-
-        for chunk in chunks("eigenvalues"):
-            chunk.fisher_backward(task, config.fisher, add_lambda)
-            state.counts["eigen_draws"] += len(chunk.draws)
-        state.stage = "done"
-    state.save(ckpt)
 
     lam = {}
     if config.method == "ekfac":

@@ -58,7 +58,8 @@ def _accumulator_dtype(model_dtype: torch.dtype) -> torch.dtype:
 def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries: Any, train: Any, *,
                     draws_per_forward: int = 32, progress: bool = True, model_mode: str = "eval",
                     checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: Optional[int] = None,
-                    check_values: bool = True, int8_queries: bool = False, damping: Optional[float] = None,
+                    checkpoint_seconds: float = 60.0, check_values: bool = True, int8_queries: bool = False,
+                    damping: Optional[float] = None,
                     damping_mode: Optional[str] = None, preconditioned: Optional[Dict[str, torch.Tensor]] = None,
                     shard: Shard = Shard(), split: str = "train") -> torch.Tensor:
     """Scores ``(Q, N)`` of every query against every training example (float32, or float64 for float64 models).
@@ -67,7 +68,9 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
         draws_per_forward: draws per forward pass.
         checkpoint_dir: resumable state of the training pass (same result after an interruption). The state
             records what it was computed from (model, curvature values, damping, queries, training data, task
-            settings); a call with other inputs refuses it (``engine.CheckpointMismatch``).
+            settings); a call with other inputs refuses it (``engine.CheckpointMismatch``). Saved every
+            ``checkpoint_every`` groups and ``checkpoint_seconds`` seconds; SIGINT / SIGTERM stop the pass at the
+            end of the current group, after saving.
         int8_queries: quantise the preconditioned query gradients to int8 (per query and layer affine).
         damping, damping_mode: lambda (absolute) or rho (relative: lambda = rho * mean(Lambda) per layer);
             None: the curvature's ``default_damping``.
@@ -100,17 +103,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     else:
         q_rows = range(0, nq_total)
         train_groups = shard.owned(len(train_groups))
-    if preconditioned is not None:
-        pre = {k: v[q_rows.start:q_rows.stop] for k, v in preconditioned.items()}
-    else:
-        pre = preconditioned_query_gradients(model, task, curvature, queries, draws_per_forward=draws_per_forward,
-                                             progress=progress and shard.rank == 0, model_mode=model_mode,
-                                             check_values=False, damping=damp, groups=query_groups)
-    pre = {k: (kk.quantize_int8(v) if int8_queries else v.to(device=device, dtype=mdtype)) for k, v in pre.items()}
-    acc = _accumulator_dtype(mdtype)
-    scores = torch.zeros(len(q_rows), n, dtype=acc, device=device)
-
-    ckpt = None
+    identity = {}
     if checkpoint_dir is not None:
         queries_id = tensors_fingerprint([preconditioned]) if preconditioned is not None \
             else data_fingerprint(queries)
@@ -122,34 +115,48 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                     "model_mode": model_mode, "int8_queries": bool(int8_queries), "split": split,
                     "shard": [shard.rank, shard.world_size], "groups": [train_groups.start, train_groups.stop],
                     "query_rows": [q_rows.start, q_rows.stop]}
-        ckpt = Checkpoint(shard.checkpoint_dir(checkpoint_dir), STATE_FILE, identity, every=checkpoint_every)
+    ckpt = Checkpoint(shard.checkpoint_dir(checkpoint_dir), STATE_FILE, identity, every=checkpoint_every,
+                      seconds=checkpoint_seconds)
+    acc = _accumulator_dtype(mdtype)
+    scores = torch.zeros(len(q_rows), n, dtype=acc, device=device)
     progress_at = {"next_group": train_groups.start}
-    loaded = ckpt.load() if ckpt is not None else None
+    loaded = ckpt.load()  # before the query pass: a refused checkpoint costs nothing
     if loaded is not None:
         scores = loaded[0]["scores"].to(device)
         progress_at["next_group"] = int(loaded[1]["next_group"])
 
+    if preconditioned is not None:
+        pre = {k: v[q_rows.start:q_rows.stop] for k, v in preconditioned.items()}
+    elif progress_at["next_group"] >= train_groups.stop:  # a finished checkpoint: no query pass needed
+        pre = {}
+    else:
+        pre = preconditioned_query_gradients(model, task, curvature, queries, draws_per_forward=draws_per_forward,
+                                             progress=progress and shard.rank == 0, model_mode=model_mode,
+                                             check_values=False, damping=damp, groups=query_groups)
+    pre = {k: (kk.quantize_int8(v) if int8_queries else v.to(device=device, dtype=mdtype)) for k, v in pre.items()}
+
     def after_group(next_group: int) -> None:
         progress_at["next_group"] = next_group
-        if ckpt is not None and ckpt.due(next_group):
+        if ckpt.should_save(next_group):
             ckpt.save({"scores": scores}, next_group=next_group)
+            ckpt.after_save()
 
     capture = LayerCapture(dict(modules))
     specs = capture.specs
     nq = len(q_rows)
-    for chunk in draw_pass(model, task, capture, train, "train", num_draws=m, seed=task.seed,
-                           draws_per_forward=draws_per_forward, groups=train_groups,
-                           start=progress_at["next_group"], progress=progress and shard.rank == 0,
-                           desc="pairwise scores", model_mode=model_mode, after_group=after_group):
-        part = torch.zeros(nq, len(chunk.draws), dtype=acc, device=device)
+    with ckpt.deferring_signals():
+        for chunk in draw_pass(model, task, capture, train, "train", num_draws=m, seed=task.seed,
+                               draws_per_forward=draws_per_forward, groups=train_groups,
+                               start=progress_at["next_group"], progress=progress and shard.rank == 0,
+                               desc="pairwise scores", model_mode=model_mode, after_group=after_group):
+            part = torch.zeros(nq, len(chunk.draws), dtype=acc, device=device)
 
-        def on_layer(name, calls):  # during the backward pass, as the layer's output gradient appears
-            a, gr = calls_as_rows(specs[name], calls, patches=True)
-            part.add_(finite_layer_sum(name, kk.pairwise_scores(a, gr, pre[name], append_one=specs[name].has_bias),
-                                       calls).to(acc))
-        chunk.backward(task.train_loss(chunk.outputs, chunk.draws), on_layer)
-        scores.index_add_(1, chunk.draws.example.to(device), part)
-    if ckpt is not None:
+            def on_layer(name, calls):  # during the backward pass, as the layer's output gradient appears
+                a, gr = calls_as_rows(specs[name], calls, patches=True)
+                part.add_(finite_layer_sum(name, kk.pairwise_scores(
+                    a, gr, pre[name], append_one=specs[name].has_bias), calls).to(acc))
+            chunk.backward(task.train_loss(chunk.outputs, chunk.draws), on_layer)
+            scores.index_add_(1, chunk.draws.example.to(device), part)
         ckpt.save({"scores": scores}, next_group=train_groups.stop)
     if shard.single:
         return scores
