@@ -8,7 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# KFAC_TEST_THREADS=1 when several test runs share the machine (oversubscribed OpenMP threads spin: up to 20x slower)
+torch.set_num_threads(int(os.environ.get("KFAC_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 @pytest.fixture(scope="module")
