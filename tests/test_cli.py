@@ -100,7 +100,7 @@ def test_interrupted_training_resumes_to_same_weights(tmp_path, tiny_json, monke
         m.setattr(training.EMA, "update", interrupt_after_step_5)
         assert app_cli.main(["train", "--out", str(tmp_path / "a"), *args]) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert (tmp_path / "a/train/checkpoints/checkpoint.pt").is_file()
+    assert (tmp_path / "a/train/checkpoints/checkpoint.safetensors").is_file()
     assert not (tmp_path / "a/train/pipeline").exists()
     cli("train", "--out", tmp_path / "a", *args)
     losses = json.loads((tmp_path / "a/train/losses.json").read_text())

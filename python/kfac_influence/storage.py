@@ -64,8 +64,17 @@ def save_tensors(path: os.PathLike, tensors: Dict[str, torch.Tensor], header: di
         raise
 
 
+def short_message(exc: BaseException, limit: int = 160) -> str:
+    """``exc``'s message on one line, at most ``limit`` characters (a corrupt file's error may quote kilobytes of
+    its header): what an error message built from a library exception should quote."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_tensors(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Read a file written by ``save_tensors``: (tensors, header). Clear errors for missing or foreign files."""
+    """Read a file written by ``save_tensors``: (tensors, header). Missing, truncated, corrupt or foreign files
+    raise ``FileNotFoundError`` / ``ValueError`` with a one-line message of bounded length naming the file (never
+    a quote of the whole header)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -73,13 +82,19 @@ def load_tensors(path: os.PathLike) -> Tuple[Dict[str, torch.Tensor], dict]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    except Exception as e:  # safetensors raises several types for corrupt files (SafetensorError, OSError, ...)
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt: "
+                         f"{type(e).__name__}: {short_message(e)})") from None
     if META_KEY not in meta and "json" in meta:  # the application's files before storage.py was its only writer
         raise ValueError(f"{path} was written by an earlier version of kfac-influence (metadata key 'json')")
     if META_KEY not in meta:
         raise ValueError(f"{path} was not written by kfac_influence (no '{META_KEY}' header)")
-    header = json.loads(meta[META_KEY])
+    try:
+        header = json.loads(meta[META_KEY])
+    except ValueError as e:
+        raise ValueError(f"{path} has a corrupt header ({short_message(e, 80)})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt header (not a JSON object)")
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {header.get('format')}, this library reads {FORMAT_VERSION}")
     return tensors, header

@@ -29,6 +29,10 @@ __all__ = [
     "make_scheduler",
     "load_model",
     "save_pipeline",
+    "model_config",
+    "downsampling_factor",
+    "check_image_size",
+    "check_finite_weights",
 ]
 
 
@@ -111,6 +115,61 @@ def _unet_from_kwargs(kwargs: dict, source: str, seed: int):
         raise ModelError(f"{source}: not a valid UNet2DModel config ({type(exc).__name__}: {exc})".splitlines()[0])
 
 
+def _read_json_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            kwargs = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read JSON config ({exc})".splitlines()[0]) from None
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"{path}: a model config must be a JSON object")
+    return kwargs
+
+
+def model_config(spec: str) -> dict:
+    """The ``UNet2DModel`` keyword arguments of a model spec (preset, ``.json`` or diffusers folder), read without
+    building the model (cheap: for checks before any work starts)."""
+    if spec in PRESETS:
+        return dict(PRESETS[spec])
+    if os.path.isdir(spec):
+        unet_dir = os.path.join(spec, "unet") if os.path.isfile(os.path.join(spec, "model_index.json")) else spec
+        cfg = os.path.join(unet_dir, "config.json")
+        if not os.path.isfile(cfg):
+            raise ModelError(f"{spec}: not a diffusers UNet2DModel or DDPMPipeline folder (no {cfg})")
+        return _read_json_config(cfg)
+    if spec.lower().endswith(".json"):
+        if not os.path.isfile(spec):
+            raise ModelError(f"{spec}: no such file")
+        return _read_json_config(spec)
+    raise ModelError(f"{spec}: not a preset ({', '.join(PRESETS)}), a .json config or a model folder")
+
+
+def downsampling_factor(config: dict) -> int:
+    """How many times a ``UNet2DModel`` halves the image: 2 per down block but the last (diffusers adds no
+    downsampler to the final block)."""
+    blocks = config.get("down_block_types") or config.get("block_out_channels") or ("DownBlock2D",) * 4
+    return 2 ** max(0, len(blocks) - 1)
+
+
+def check_image_size(config: dict, height: int, width: int, source: str = "the model") -> None:
+    """Raise ModelError unless ``height x width`` images pass through the UNet of ``config``: both sides must be
+    multiples of its downsampling factor (an odd size after a halving breaks the skip connections)."""
+    f = downsampling_factor(config)
+    if height % f or width % f:
+        raise ModelError(f"{source} halves the image {f.bit_length() - 1} time(s), so image sides must be "
+                         f"multiples of {f}; the data is {height}x{width} (pass an image size such as "
+                         f"{max(f, (height // f) * f)})")
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """Raise ModelError naming the first parameter or buffer holding NaN or infinite values."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelError(f"{source}: weight {name!r} has {bad} NaN or infinite value(s) of {t.numel()}; "
+                             f"the model is unusable (retrain it or use another --model)")
+
+
 def build_model(spec: str, seed: int = 0, in_channels: Optional[int] = None, sample_size: Optional[int] = None):
     """A fresh ``UNet2DModel`` from a preset name or a JSON config, initialised with ``seed``.
 
@@ -123,13 +182,7 @@ def build_model(spec: str, seed: int = 0, in_channels: Optional[int] = None, sam
     elif spec.lower().endswith(".json"):
         if not os.path.isfile(spec):
             raise ModelError(f"{spec}: no such file")
-        try:
-            with open(spec) as f:
-                kwargs = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{spec}: cannot read JSON config ({exc})".splitlines()[0]) from None
-        if not isinstance(kwargs, dict):
-            raise ModelError(f"{spec}: a model config must be a JSON object")
+        kwargs = _read_json_config(spec)
         source = spec
     else:
         raise ModelError(f"{spec}: not a preset ({', '.join(PRESETS)}), a .json config or a model folder")
@@ -147,7 +200,9 @@ def build_model(spec: str, seed: int = 0, in_channels: Optional[int] = None, sam
 def load_model(path: str) -> Tuple[torch.nn.Module, Optional[object]]:
     """Load a ``UNet2DModel`` (and its ``DDPMScheduler``, when the folder has one) from a local diffusers folder.
 
-    Returns ``(model, scheduler_or_None)``. Raises :class:`ModelError` for anything that is not such a folder.
+    Returns ``(model, scheduler_or_None)``. Raises :class:`ModelError` for anything that is not such a folder,
+    and for weights holding NaN or infinite values (naming the parameter). Weights are read from safetensors, or
+    by diffusers' ``torch.load(weights_only=True)`` (no pickled code runs) for ``.bin`` files.
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -175,8 +230,9 @@ def load_model(path: str) -> Tuple[torch.nn.Module, Optional[object]]:
     try:
         model = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
     except Exception as exc:
-        raise ModelError(f"{unet_dir}: cannot load UNet2DModel ({type(exc).__name__}: {exc})".splitlines()[0]) \
+        raise ModelError(f"{unet_dir}: cannot load UNet2DModel ({type(exc).__name__}: {exc})".splitlines()[0][:300]) \
             from None
+    check_finite_weights(model, unet_dir)
     return model, sched
 
 

@@ -36,7 +36,9 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
                 progress: bool = True, device=None) -> SampleResult:
     """Draw ``num_samples`` images of ``shape = (C, H, W)`` by DDPM ancestral sampling (model in eval mode).
 
-    Returns a :class:`SampleResult`; the images are the last trajectory state clamped to [-1, 1].
+    Returns a :class:`SampleResult`; the images are the last trajectory state clamped to [-1, 1]. Raises
+    ``FloatingPointError`` naming the first sample (and its seed) whose final state holds NaN or infinite values
+    (a diverged model), instead of returning it (clamping keeps NaN).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -68,6 +70,11 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
                 if record_trajectory:
                     traj.append(x.cpu())
                 bar.update(1)
+            finite = torch.isfinite(x.flatten(1)).all(1).cpu()
+            if not bool(finite.all()):
+                j = int((~finite).nonzero()[0])
+                raise FloatingPointError(f"sample {b * batch_size + j} (seed {bseeds[j]}) has NaN or infinite "
+                                         f"values after the last sampling step: the model diverged")
             images.append(x.clamp(-1.0, 1.0).cpu())
             if record_trajectory:
                 trajs.append(torch.stack(traj, dim=1))

@@ -7,7 +7,11 @@ Determinism: batches, timesteps and noise come from a private ``torch.Generator`
 RNG, which is seeded at the start and saved in every checkpoint. A run interrupted at any step and resumed from
 its last checkpoint replays the same steps and ends with the same weights as an uninterrupted run (on the same
 machine and thread count).
-Checkpoints are written atomically (temp file, then ``os.replace``); only the newest is kept.
+Checkpoints are written atomically (temp file, then ``os.replace``); only the newest is kept. A checkpoint is one
+safetensors file (``checkpoint.safetensors``, via ``kfac_influence.storage``): the model, EMA and AdamW state
+tensors under named keys, the random states as byte tensors, and everything else (step, batch cursor, AdamW
+param-group settings, learning-rate schedule state) in its JSON header. Nothing is unpickled when resuming; a
+checkpoint of another config or other training images is refused (``CheckpointMismatch``), not resumed.
 """
 from __future__ import annotations
 
@@ -15,10 +19,14 @@ import copy
 import math
 import os
 from dataclasses import dataclass, asdict
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
+
+from ..engine import CheckpointMismatch
+from ..identity import tensors_fingerprint
+from ..storage import load_tensors, save_tensors
 
 __all__ = ["TrainConfig", "TrainResult", "train", "EMA"]
 
@@ -111,17 +119,49 @@ def _lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+CHECKPOINT_FILE = "checkpoint.safetensors"
+STATE_VERSION = 1
+
+
 def _checkpoint_path(checkpoint_dir: str) -> str:
-    return os.path.join(checkpoint_dir, "checkpoint.pt")
+    return os.path.join(checkpoint_dir, CHECKPOINT_FILE)
 
 
-def _save_checkpoint(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def optimizer_to_flat(state: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """An optimizer ``state_dict`` as named tensors (``optimizer.<param index>.<key>``) and a JSON-able rest
+    (param groups; per-parameter non-tensor entries)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, dict] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: Dict[str, torch.Tensor], rest: dict) -> dict:
+    """The inverse of ``optimizer_to_flat``: an optimizer ``state_dict``."""
+    state: Dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, entries in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _prefixed(prefix: str, d: dict) -> Dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().clone() for k, v in d.items()}
+
+
+def _unprefixed(prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
 def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: TrainConfig,
@@ -149,17 +189,23 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
     start = 0
 
     ckpt = _checkpoint_path(checkpoint_dir) if checkpoint_dir else None
+    identity = {}
+    if ckpt:
+        identity = {"kind": "train_state", "version": STATE_VERSION, "config": config.to_dict(), "num_images": n,
+                    "data": tensors_fingerprint([images])}
     if ckpt and os.path.isfile(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("config") != config.to_dict() or state.get("num_images") != n:
-            raise ValueError(f"{ckpt}: checkpoint of a different training config; delete it to start over")
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        perm, cursor, start = state["perm"], state["cursor"], state["step"]
+        tensors, saved = load_tensors(ckpt)
+        differs = [k for k, v in identity.items() if saved.get(k) != v]
+        if differs:
+            raise CheckpointMismatch(f"{ckpt}: checkpoint of a different training config or data "
+                                     f"({', '.join(differs)} differ); delete it to start over")
+        model.load_state_dict(_unprefixed("model", tensors))
+        ema.model.load_state_dict(_unprefixed("ema", tensors))
+        opt.load_state_dict(optimizer_from_flat(tensors, saved["optimizer"]))
+        lr_sched.load_state_dict(saved["lr_scheduler"])
+        gen.set_state(tensors["generator"])
+        torch.set_rng_state(tensors["torch_rng"])
+        perm, cursor, start = tensors["perm"], int(saved["cursor"]), int(saved["step"])
 
     losses: List[float] = []
     bar = tqdm(total=config.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
@@ -195,14 +241,12 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
         bar.set_postfix(loss=f"{ema_loss:.4f}", refresh=False)
         done = step + 1
         if ckpt and ((config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps):
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            _save_checkpoint(ckpt, {
-                "config": config.to_dict(), "num_images": n, "step": done,
-                "model": model.state_dict(), "ema": ema.model.state_dict(),
-                "optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "perm": perm, "cursor": cursor,
-            })
+            opt_tensors, opt_rest = optimizer_to_flat(opt.state_dict())
+            save_tensors(ckpt, {**_prefixed("model", model.state_dict()), **_prefixed("ema", ema.model.state_dict()),
+                                **opt_tensors, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                "perm": perm.clone()},
+                         {**identity, "step": done, "cursor": cursor, "optimizer": opt_rest,
+                          "lr_scheduler": lr_sched.state_dict()})
     bar.close()
     model.eval()
     return TrainResult(model=ema.model.eval(), raw_model=model, losses=losses, resumed_from=start)
