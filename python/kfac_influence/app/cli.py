@@ -9,12 +9,20 @@ command, then the options given; so a later command on the same folder only name
 outputs exist with the same settings are skipped (see ``kfac_influence.app.runner``). Damping is a score setting:
 ``kfac-influence score --out runs/x --damping 1e-4`` reruns only the score stage, on the existing fit.
 
-Errors in the input (missing files, corrupt images, incompatible models or factors) end the command with exit
-status 2 and a one-line message on stderr; ``--debug`` shows the traceback instead.
+Errors a user can cause (invalid settings, missing or corrupt files, incompatible models or factors, a full disk,
+a diverging training, a busy run folder) end the command with exit status 2 and one line on stderr saying what
+kind of problem it is and what to do; anything else is reported as an internal error in one line; ``--debug``
+shows the traceback instead. Settings are validated, the data loaded and the stage folders checked before any file
+is written, so an invalid value changes nothing. Ctrl-C (SIGINT) or SIGTERM during fit or score saves a checkpoint
+at the end of the current group; the command then exits with status 130 and rerunning it resumes.
+
+Checkpoint flags: ``--checkpoint-every STEPS`` (train: optimiser steps between checkpoints) and
+``--checkpoint-seconds SECONDS`` (fit and score: seconds between checkpoints, default 60).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -23,6 +31,8 @@ from typing import List, Optional
 import torch
 
 from ..evaluation.cli import add_subcommands
+from ..storage import short_message
+from .lock import RunLock
 from .runner import Pipeline
 from .settings import RunConfig, upgrade_settings
 
@@ -32,9 +42,13 @@ SUPPRESS = argparse.SUPPRESS
 
 
 def _opt_int(text: str) -> Optional[int]:
-    if text.lower() in ("none", "all", "0"):
+    """An integer, or 'none' / 'all' for unset (0 is a value, refused where it makes no sense)."""
+    if text.lower() in ("none", "all"):
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}") from None
 
 
 def _opt_str(text: str) -> Optional[str]:
@@ -78,7 +92,8 @@ OPTIONS = {
         (("--warmup-steps",), "train", "warmup_steps", int, None, "linear learning-rate warmup steps"),
         (("--grad-clip",), "train", "grad_clip", float, None, "gradient-norm clipping (0: off)"),
         (("--ema-decay",), "train", "ema_decay", float, None, "EMA decay of the attributed weights"),
-        (("--checkpoint-every",), "train", "checkpoint_every", int, None, "steps between training checkpoints"),
+        (("--checkpoint-every", "--checkpoint-steps"), "train", "checkpoint_every", int, None,
+         "train: optimiser steps between checkpoints (fit and score: --checkpoint-seconds)"),
         (("--seed",), "train", "seed", int, None, "training seed (batches, timesteps, noise, dropout)"),
     ],
     "sample": [
@@ -97,6 +112,8 @@ OPTIONS = {
         (("--fit-seed",), "fit.curvature", "seed", int, None, "seed of the curvature draws"),
         (("--fit-draws-per-forward", "--fit-batch-size"), "fit", "draws_per_forward", int, None,
          "(t, eps) draws per forward pass when fitting"),
+        (("--checkpoint-seconds",), None, "checkpoint_seconds", float, None,
+         "fit and score: seconds between checkpoints of the resumable state (Ctrl-C also saves one)"),
         (("--model-mode",), None, "model_mode", str, ("eval", "train"),
          "dropout off (eval) or on (train) for curvature, train and query gradients alike"),
         (("--max-memory",), None, "max_memory", _opt_str, None,
@@ -179,7 +196,8 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--device", default=SUPPRESS, help="device: auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is best on a busy machine)")
-    p.add_argument("--force", action="store_true", help="rerun the stage(s) even when up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rerun the stage(s) even when up to date, discarding their checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -268,17 +286,20 @@ def _resolve(args: argparse.Namespace) -> RunConfig:
 def _run(args: argparse.Namespace) -> int:
     if getattr(args, "func", None) is not None:  # evaluation subcommands
         return args.func(args)
-    config = _resolve(args)
+    config = _resolve(args)  # invalid settings stop here, before any file is touched
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     pipe = Pipeline(args.out, config, progress=not args.no_progress, command=args.command)
-    pipe.ctx.data()  # fail fast on unusable data, before any stage starts
-    pipe.write_run_json()
-    if args.command in ("run", "demo"):
-        pipe.run_all(force=args.force)
-    else:
-        pipe.run_stage(args.command, force=args.force)
+    stages = pipe.stages_to_run() if args.command in ("run", "demo") else (args.command,)
+    pipe.preflight(stages)  # device, data, model vs image size, foreign files: still nothing written
+    os.makedirs(args.out, exist_ok=True)
+    with RunLock(args.out):
+        pipe.preflight(stages)  # again under the lock: another command may have changed the folder
+        pipe.start()
+        if args.command in ("run", "demo"):
+            pipe.run_all(force=args.force)
+        else:
+            pipe.run_stage(args.command, force=args.force)
     if args.command in ("run", "demo", "report"):
         report = os.path.join(args.out, "report", "report.md")
         with open(os.path.join(args.out, "report", "report.json")) as f:
@@ -292,19 +313,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for an exception a user can cause: what kind of problem, and what to do."""
+    msg = short_message(exc, 400)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return (f"disk full ({msg}); free space and rerun the same command: finished outputs are intact and "
+                f"fit/score resume from their last checkpoint")
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
+        return (f"out of memory ({msg}); pass --max-memory, or lower --fit-draws-per-forward / "
+                f"--score-draws-per-forward / --batch-size")
+    if isinstance(exc, FloatingPointError):
+        return f"numerical failure: {msg}"
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        return msg
+    if isinstance(exc, OSError):
+        return f"file system: {msg}"
+    return (f"internal error ({type(exc).__name__}: {msg}); rerun with --debug for the traceback and report it "
+            f"with that")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print("kfac-influence: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, TypeError) as exc:
         if args.debug:
             raise
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"kfac-influence: error: {msg}", file=sys.stderr)
+        print("kfac-influence: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 (every error ends in one line; --debug shows the traceback)
+        if args.debug:
+            raise
+        print(f"kfac-influence: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

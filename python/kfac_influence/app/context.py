@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from ..curvature import Curvature, load_curvature
 from ..diffusion.data import ImageDataset, load_dataset
-from ..diffusion.models import ModelError, build_model, load_model, make_scheduler
+from ..diffusion.models import ModelError, build_model, check_image_size, load_model, make_scheduler
 from ..memory import choose_draws_per_forward
 from ..storage import load_tensors
 from ..tasks import DiffusionTask
@@ -41,19 +41,21 @@ class RunContext:
 
     def initial_model(self):
         """The model to train (a preset, a JSON config or a diffusers folder) and its scheduler, on the CPU."""
-        c, h, _ = self.data().shape
+        c, h, w = self.data().shape
         spec = self.config.model.spec
         if os.path.isdir(spec):
-            model, scheduler = load_model(spec)
+            model, scheduler = load_model(spec)  # refuses non-finite weights, naming the tensor
             if model.config.in_channels != c:
                 raise ModelError(f"{spec}: the model takes {model.config.in_channels} channel(s) but the data "
                                  f"has {c}")
+            check_image_size(dict(model.config), h, w, spec)
             return model, scheduler or make_scheduler(self.config.scheduler)
         model = build_model(spec, seed=self.config.model.seed, in_channels=c, sample_size=h)
         return model, make_scheduler(self.config.scheduler)
 
     def trained(self):
-        """The EMA model (eval mode, on the run's device) and the scheduler written by the train stage."""
+        """The EMA model (eval mode, on the run's device) and the scheduler written by the train stage (weights
+        checked finite on load)."""
         if self._trained is None:
             model, scheduler = load_model(self.path("train", "pipeline"))
             self._trained = (model.to(self.device).eval(), scheduler)

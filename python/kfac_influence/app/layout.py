@@ -7,17 +7,27 @@
     OUT/fit/curvature.safetensors      (E)K-FAC factors
     OUT/scores/scores.safetensors      scores (Q, N), train_ids (N,), query_ids (Q,)
     OUT/report/report.md, summary.png, query_XXX.png, report.json
-    OUT/<stage folder>/stage.json      {"fingerprint": ..., "done": bool, "seconds": ...}
+    OUT/<stage folder>/stage.json      fingerprint, done, manifest (the files it wrote), their sizes and mtimes,
+                                       the identities of its inputs and of what it produced, seconds
+    OUT/<stage folder>/checkpoints/    resumable state of an interrupted stage (removed once the stage is done)
+    OUT/<stage folder>/.new/           the outputs of a running stage, moved into place when it succeeds
+    OUT/.lock                          the pid and host of the command running on the folder (``lock.py``)
 
-Tensor files are written by ``kfac_influence.storage`` (safetensors with a JSON header).
+Ownership: the pipeline deletes only what a stage's manifest lists (and the stage's ``checkpoints/``, ``.new/``
+and its own temporary files), never a folder it did not create. A stage folder without ``stage.json`` that holds
+anything, or a file in a stage folder that no manifest lists, stops the stage with one line naming it
+(``check_stage_folder``). Tensor files are written by ``kfac_influence.storage`` (safetensors with a JSON header).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
-from typing import Optional
+from typing import Iterable, List, Optional
 
-__all__ = ["STAGES", "STAGE_DIRS", "OUTPUTS", "DEPENDENCIES", "StageError", "read_json", "stage_dir"]
+__all__ = ["STAGES", "STAGE_DIRS", "OUTPUTS", "DEPENDENCIES", "StageError", "read_json", "stage_dir",
+           "STAGE_JSON", "CHECKPOINTS", "STAGING", "LEGACY_WRITES", "check_stage_folder", "manifest_of",
+           "is_own_temporary", "legacy_entries"]
 
 STAGES = ("train", "sample", "fit", "score", "report")
 STAGE_DIRS = {"train": "train", "sample": "samples", "fit": "fit", "score": "scores", "report": "report"}
@@ -31,6 +41,19 @@ OUTPUTS = {
 #: Stages each stage reads (the score stage reads no fit when it is given a curvature file).
 DEPENDENCIES = {"train": (), "sample": ("train",), "fit": ("train",), "score": ("sample", "fit"),
                 "report": ("score",)}
+
+
+STAGE_JSON = "stage.json"
+CHECKPOINTS = "checkpoints"
+STAGING = ".new"
+#: What each stage wrote before stage.json had a manifest (a stage.json without one is from such a version).
+LEGACY_WRITES = {
+    "train": ("pipeline", "pipeline.tmp", "pipeline.old", "losses.json"),
+    "sample": ("samples.safetensors", "samples.png"),
+    "fit": ("curvature.safetensors",),
+    "score": ("scores.safetensors",),
+    "report": ("report.md", "summary.png", "queries.png", "report.json", "query_*.png"),
+}
 
 
 class StageError(ValueError):
@@ -48,3 +71,58 @@ def read_json(path: str) -> Optional[dict]:
 
 def stage_dir(out: str, stage: str) -> str:
     return os.path.join(out, STAGE_DIRS[stage])
+
+
+def is_own_temporary(name: str) -> bool:
+    """A temporary file of ``storage``'s atomic writes (``.<name>.<random>.tmp``), left by a killed process."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def manifest_of(stage: str, record: Optional[dict]) -> List[str]:
+    """The top-level entries of a stage folder that the stage wrote, from its ``stage.json`` record."""
+    if not record:
+        return []
+    manifest = record.get("manifest")
+    if isinstance(manifest, list) and all(isinstance(m, str) for m in manifest):
+        return [m for m in manifest if m and "/" not in m and m not in (".", "..")]
+    return []
+
+
+def _matches_legacy(stage: str, name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in LEGACY_WRITES[stage])
+
+
+def legacy_entries(d: str, stage: str) -> List[str]:
+    """The entries of ``d`` that a version without manifests wrote (by name)."""
+    return sorted(e for e in os.listdir(d) if _matches_legacy(stage, e)) if os.path.isdir(d) else []
+
+
+def check_stage_folder(out: str, stage: str) -> None:
+    """Raise StageError (one line) unless the stage's folder is missing, empty or holds only what the pipeline
+    wrote there: ``stage.json``, the manifest's entries, ``checkpoints/``, ``.new/`` and atomic-write temporary
+    files (for a ``stage.json`` of a version without manifests: the names that version wrote)."""
+    d = stage_dir(out, stage)
+    if not os.path.exists(d):
+        return
+    if not os.path.isdir(d):
+        raise StageError(f"{d} is a file, not a stage folder of kfac-influence; move it away or use another --out")
+    entries = sorted(os.listdir(d))
+    if not entries:
+        return
+    record = read_json(os.path.join(d, STAGE_JSON))
+    if not isinstance(record, dict):
+        raise StageError(f"{d} holds files kfac-influence did not write ({_names(entries)}) and no {STAGE_JSON}; "
+                         f"it never deletes or overwrites such folders: move it away or use another --out")
+    own = set(manifest_of(stage, record))
+    legacy = "manifest" not in record
+    foreign = [e for e in entries if e not in own and e not in (STAGE_JSON, CHECKPOINTS, STAGING)
+               and not is_own_temporary(e) and not (legacy and _matches_legacy(stage, e))]
+    if foreign:
+        raise StageError(f"{d} holds {_names(foreign)}, not written by kfac-influence; it never deletes files it "
+                         f"did not write: move {'it' if len(foreign) == 1 else 'them'} out of {d} and rerun")
+
+
+def _names(entries: Iterable[str], limit: int = 3) -> str:
+    entries = list(entries)
+    text = ", ".join(entries[:limit])
+    return text + (f" and {len(entries) - limit} more" if len(entries) > limit else "")

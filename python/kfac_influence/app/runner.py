@@ -1,32 +1,82 @@
 """The attribution pipeline as resumable stages (train -> sample -> fit -> score -> report) in one output folder.
 
-A stage whose ``stage.json`` records the current fingerprint (``fingerprints``) and whose outputs exist is
-skipped; a stage with another fingerprint is cleared and rerun; a stage interrupted with the same fingerprint
-resumes from its checkpoints. ``run.json`` records every setting, the versions, the seeds and each stage's status.
+A stage is done when its ``stage.json`` records the current settings fingerprint (``fingerprints``), its outputs
+are on disk as it wrote them (sizes and modification times), and the identities of its inputs (the training data's
+content fingerprint, the ``--model`` files, the trained model's weights, the queries, the curvature values, the
+scores: ``Pipeline.inputs``) equal the current ones. Otherwise it reruns, and the log says why. A stage
+interrupted with the same fingerprint and inputs resumes from its checkpoints; with others (or ``--force``) its
+checkpoints are cleared first.
+
+Safety (``layout.py``): a stage only deletes files its manifest lists; it refuses to start in a folder holding
+files it did not write. A stage writes its outputs beside the previous ones (``.new/``) and swaps them in only
+when it succeeded, so a failed or interrupted stage leaves the previous good outputs (and their ``stage.json``) in
+place. ``run.json`` is created when the folder is first used and rewritten after each stage, so it describes the
+settings of the stages that finished.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import sys
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from ..storage import atomic_write_json
+from ..diffusion.models import check_image_size, model_config
+from ..engine import CheckpointMismatch
+from ..storage import atomic_write_json, short_message
 from . import stages
 from .context import RunContext
 from .fingerprints import environment, fingerprints
-from .layout import DEPENDENCIES, OUTPUTS, STAGES, StageError, read_json, stage_dir
+from .layout import (CHECKPOINTS, DEPENDENCIES, OUTPUTS, STAGE_JSON, STAGES, STAGING, StageError,
+                     check_stage_folder, is_own_temporary, legacy_entries, manifest_of, read_json, stage_dir)
 from .settings import RunConfig
 
-__all__ = ["Pipeline", "RUN_JSON_FORMAT"]
+__all__ = ["Pipeline", "RUN_JSON_FORMAT", "INPUT_NAMES"]
 
 #: 2: settings with a nested fit.curvature, damping in score, draws_per_forward (format 1: see upgrade_settings).
 RUN_JSON_FORMAT = 2
 
+#: How the log names each input of ``Pipeline.inputs`` when it changed.
+INPUT_NAMES = {"data": "the training data", "initial model": "the --model files", "model": "the trained model",
+               "queries": "the generated queries", "curvature": "the curvature", "scores": "the scores"}
+
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _path_identity(path: str) -> str:
+    """sha256 (16 hex digits) of a file's content, or of a folder's files (relative names and contents)."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(dp, f) for dp, dns, fs in os.walk(path) for f in fs if not f.startswith("."))
+    for p in files:
+        h.update(os.path.relpath(p, path).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _signature(d: str, manifest: List[str]) -> Dict[str, List[int]]:
+    """``{relative path: [size, mtime_ns]}`` of every file under the manifest's entries."""
+    sig = {}
+    for entry in manifest:
+        top = os.path.join(d, entry)
+        files = [top] if os.path.isfile(top) else [os.path.join(dp, f) for dp, _, fs in os.walk(top) for f in fs]
+        for p in sorted(files):
+            st = os.stat(p)
+            sig[os.path.relpath(p, d)] = [st.st_size, st.st_mtime_ns]
+    return sig
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 class Pipeline:
@@ -41,6 +91,13 @@ class Pipeline:
         self.log = log
         self.fp = fingerprints(config)
         self.ctx = RunContext(out, config, progress, log)
+        self._identities: Dict[str, str] = {}
+
+    def _path_identity(self, path: str) -> str:
+        """``_path_identity``, once per command (a --model folder is read once)."""
+        if path not in self._identities:
+            self._identities[path] = _path_identity(path)
+        return self._identities[path]
 
     def dependencies(self, stage: str) -> Tuple[str, ...]:
         if stage == "score" and self.config.score.curvature:
@@ -51,12 +108,78 @@ class Pipeline:
         """Every stage in order; no fit when the score stage is given a curvature file."""
         return tuple(st for st in STAGES if not (st == "fit" and self.config.score.curvature))
 
-    def is_done(self, stage: str) -> bool:
-        d = stage_dir(self.out, stage)
-        st = read_json(os.path.join(d, "stage.json"))
-        return bool(st and st.get("done") and st.get("fingerprint") == self.fp[stage]
-                    and all(os.path.exists(os.path.join(d, o)) for o in OUTPUTS[stage]))
+    # -- checks before anything is written -----------------------------------------------------------------------
+    def preflight(self, stages_: Tuple[str, ...]) -> None:
+        """Everything that can be checked before a file is touched: the device, the data, the model against the
+        data's image size, and that the folders of ``stages_`` hold no foreign files. Raises one-line errors."""
+        self.ctx.device  # noqa: B018  (resolved and validated in RunContext)
+        c, h, w = self.ctx.data().shape
+        if "train" in stages_ and self.why_not_done("train") is not None:
+            spec = self.config.model.spec
+            check_image_size(model_config(spec), h, w, f"--model {os.path.basename(spec.rstrip('/')) or spec}")
+        for st in stages_:
+            check_stage_folder(self.out, st)
 
+    # -- identities ----------------------------------------------------------------------------------------------
+    def record(self, stage: str) -> Optional[dict]:
+        st = read_json(os.path.join(stage_dir(self.out, stage), STAGE_JSON))
+        return st if isinstance(st, dict) else None
+
+    def produced(self, stage: str) -> Optional[str]:
+        """The identity of what a done stage produced (model weights, queries, curvature values, scores)."""
+        rec = self.record(stage)
+        return rec.get("produced") if rec and rec.get("done") else None
+
+    def inputs(self, stage: str) -> Dict[str, Optional[str]]:
+        """The identities of what ``stage`` is computed from, beyond its settings (which its fingerprint covers,
+        seeds and task settings included): the training data's content, the ``--model`` files, and what the
+        stages it reads produced (or the ``--curvature`` file's content)."""
+        data = self.ctx.data().fingerprint()
+        if stage == "train":
+            spec = self.config.model.spec
+            return {"data": data, "initial model": self._path_identity(spec) if os.path.exists(spec) else spec}
+        if stage == "sample":
+            return {"model": self.produced("train")}
+        if stage == "fit":
+            return {"data": data, "model": self.produced("train")}
+        if stage == "score":
+            path = self.config.score.curvature
+            curvature = self.produced("fit") if not path else (self._path_identity(path) if os.path.isfile(path)
+                                                                else path)
+            return {"data": data, "model": self.produced("train"), "queries": self.produced("sample"),
+                    "curvature": curvature}
+        return {"data": data, "queries": self.produced("sample"), "scores": self.produced("score")}
+
+    def why_not_done(self, stage: str) -> Optional[str]:
+        """None when ``stage`` is done for the current settings and inputs; else why not (for the log)."""
+        d = stage_dir(self.out, stage)
+        rec = self.record(stage)
+        if not rec or "fingerprint" not in rec:
+            return "not run yet"
+        if rec.get("fingerprint") != self.fp[stage]:
+            return "its settings changed" if rec.get("done") else "not run yet with these settings"
+        if not rec.get("done"):
+            return "interrupted earlier"
+        if not all(os.path.exists(os.path.join(d, o)) for o in OUTPUTS[stage]):
+            return "outputs are missing"
+        recorded = rec.get("outputs")
+        if isinstance(recorded, dict):
+            try:
+                now = _signature(d, manifest_of(stage, rec))
+            except OSError:
+                now = None
+            if now != recorded:
+                return "its outputs were modified or removed after it finished"
+        recorded_inputs = rec.get("inputs") or {}
+        for key, value in self.inputs(stage).items():
+            if recorded_inputs.get(key) != value:
+                return f"{INPUT_NAMES[key]} changed since it ran ({key} {recorded_inputs.get(key)} -> {value})"
+        return None
+
+    def is_done(self, stage: str) -> bool:
+        return self.why_not_done(stage) is None
+
+    # -- run.json ------------------------------------------------------------------------------------------------
     def write_run_json(self, stage_status: Optional[Dict[str, dict]] = None) -> None:
         """Rewrite ``run.json`` with the current settings and ``stage_status`` merged into the recorded one."""
         path = os.path.join(self.out, "run.json")
@@ -80,31 +203,89 @@ class Pipeline:
             "stages": status,
         })
 
+    def start(self) -> None:
+        """Mark the folder as a run folder (``run.json``) if it is not one yet; an existing ``run.json`` is
+        rewritten only when a stage finishes."""
+        os.makedirs(self.out, exist_ok=True)
+        if not os.path.isfile(os.path.join(self.out, "run.json")):
+            self.write_run_json()
+
+    # -- running -------------------------------------------------------------------------------------------------
+    def _clear_checkpoints(self, d: str, why: str, stage: str) -> None:
+        ck = os.path.join(d, CHECKPOINTS)
+        if os.path.exists(ck):
+            _remove(ck)
+            self.log(f"[{stage}] cleared its checkpoints ({why})")
+
     def run_stage(self, stage: str, force: bool = False) -> str:
         """Run one stage (its dependencies must be done). Returns "skipped" or "done"."""
         fp = self.fp[stage]
-        if not force and self.is_done(stage):
+        reason = "--force" if force else self.why_not_done(stage)
+        if reason is None:
             self.log(f"[{stage}] up to date (fingerprint {fp}), skipped")
             self.write_run_json({stage: {"fingerprint": fp, "status": "skipped"}})
             return "skipped"
         for dep in self.dependencies(stage):
-            if not self.is_done(dep):
-                raise StageError(f"stage '{dep}' is not done for these settings in {self.out}; run "
+            why = self.why_not_done(dep)
+            if why is not None:
+                raise StageError(f"stage '{dep}' is not done for these settings in {self.out} ({why}); run "
                                  f"`kfac-influence {dep} --out {self.out}` (or `run`) first")
+        check_stage_folder(self.out, stage)
         d = stage_dir(self.out, stage)
-        st = read_json(os.path.join(d, "stage.json"))
-        if os.path.isdir(d) and (st is None or st.get("fingerprint") != fp):
-            shutil.rmtree(d)  # outputs of other settings (or of unknown origin): start over
         os.makedirs(d, exist_ok=True)
-        atomic_write_json(os.path.join(d, "stage.json"), {"fingerprint": fp, "done": False})
-        self.log(f"[{stage}] running (fingerprint {fp})")
+        rec = self.record(stage) or {}
+        inputs = self.inputs(stage)
+        pending = hashlib.sha256(json.dumps([fp, inputs], sort_keys=True).encode()).hexdigest()[:16]
+        if force:
+            self._clear_checkpoints(d, "--force", stage)
+        elif rec.get("pending") != pending:
+            self._clear_checkpoints(d, "made for other settings or inputs", stage)
+        for name in os.listdir(d):
+            if is_own_temporary(name):
+                _remove(os.path.join(d, name))
+        staging = os.path.join(d, STAGING)
+        _remove(staging)
+        os.makedirs(staging)
+        atomic_write_json(os.path.join(d, STAGE_JSON), {**rec, "pending": pending})
+        self.log(f"[{stage}] running (fingerprint {fp}): {reason}")
         t0 = time.time()
-        stages.BODIES[stage](self.ctx, d)
+        checkpoints = os.path.join(d, CHECKPOINTS)
+        try:
+            produced = stages.BODIES[stage](self.ctx, staging, checkpoints)
+        except CheckpointMismatch as exc:  # inputs changed in a way the fingerprints missed: start over once
+            self.log(f"[{stage}] its checkpoint was made from other inputs ({short_message(exc, 200)}); "
+                     f"starting over")
+            _remove(checkpoints)
+            _remove(staging)
+            os.makedirs(staging)
+            produced = stages.BODIES[stage](self.ctx, staging, checkpoints)
         secs = round(time.time() - t0, 2)
-        atomic_write_json(os.path.join(d, "stage.json"), {"fingerprint": fp, "done": True, "seconds": secs})
+        self._swap(stage, d, staging, rec, pending, {"fingerprint": fp, "inputs": inputs, "produced": produced,
+                                            "seconds": secs})
+        _remove(checkpoints)  # resumable state, no longer needed
+        if stage == "train":
+            self.ctx.forget_trained()
         self.write_run_json({stage: {"fingerprint": fp, "status": "done", "seconds": secs}})
         self.log(f"[{stage}] done in {secs:.1f} s")
         return "done"
+
+    def _swap(self, stage: str, d: str, staging: str, old: dict, pending: str, fields: dict) -> None:
+        """Move the new outputs from ``staging`` into ``d`` and remove the old ones that are not replaced; only
+        entries of the old manifest are ever removed. ``stage.json`` says "not done" while files move."""
+        new = sorted(os.listdir(staging))
+        previous = manifest_of(stage, old) if "manifest" in old else legacy_entries(d, stage)
+        atomic_write_json(os.path.join(d, STAGE_JSON), {"done": False, "manifest": sorted(set(previous) | set(new)),
+                                                        "pending": pending})
+        for name in new:
+            target = os.path.join(d, name)
+            _remove(target)  # listed in the old manifest, or absent (check_stage_folder refused foreign files)
+            os.replace(os.path.join(staging, name), target)
+        for name in previous:
+            if name not in new:
+                _remove(os.path.join(d, name))
+        _remove(staging)
+        atomic_write_json(os.path.join(d, STAGE_JSON), {"done": True, "manifest": new,
+                                                        "outputs": _signature(d, new), **fields})
 
     def run_all(self, force: bool = False) -> Dict[str, str]:
         """Every stage of ``stages_to_run`` in order: ``{stage: "skipped" | "done"}``."""

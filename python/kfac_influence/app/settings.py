@@ -55,6 +55,8 @@ class SampleConfig:
     def __post_init__(self):
         if self.num_queries < 1 or self.batch_size < 1:
             raise ValueError("num_queries and the sampling batch size must be >= 1")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"sampling steps must be >= 1 (or none: all T), got {self.num_inference_steps}")
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,9 @@ class ReportConfig:
 class RunConfig:
     """Everything a run depends on. ``model_mode`` ("eval": dropout off, or "train": dropout on, seeded) is shared
     by the curvature fit, train gradients and query gradients, so all three see the same network; ``max_memory``
-    (e.g. "6GiB") picks the fit's and the score's draws per forward pass instead of their settings."""
+    (e.g. "6GiB") picks the fit's and the score's draws per forward pass instead of their settings;
+    ``checkpoint_seconds``: the fit and score stages save their resumable state this often (and on Ctrl-C); it
+    changes no result, so no fingerprint has it."""
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -136,8 +140,11 @@ class RunConfig:
     model_mode: str = "eval"
     device: str = "auto"
     max_memory: Optional[str] = None
+    checkpoint_seconds: float = 60.0
 
     def __post_init__(self):
+        if not (isinstance(self.checkpoint_seconds, (int, float)) and self.checkpoint_seconds > 0):
+            raise ValueError(f"checkpoint seconds must be > 0, got {self.checkpoint_seconds!r}")
         if self.max_memory is not None:
             parse_bytes(self.max_memory)  # raises ValueError on a malformed size
         if self.model_mode not in MODEL_MODES:
@@ -163,9 +170,19 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
     def resolved_device(self) -> torch.device:
+        """The device to run on; ValueError (one line) for a CUDA device this torch cannot use."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device}: this torch has no usable CUDA device "
+                                 f"(torch.cuda.is_available() is False); use --device cpu or auto")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {self.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        elif device.type != "cpu":
+            raise ValueError(f"--device {self.device}: only cpu and cuda devices are supported")
+        return device
 
 
 def to_dict(config) -> dict:
@@ -215,7 +232,7 @@ def upgrade_settings(recorded: dict) -> dict:
     Before damping moved to scoring, ``fit`` held CurvatureConfig's fields flat next to ``damping``,
     ``damping_mode`` and ``batch_size``, and ``score`` had ``batch_size``: the curvature fields move into
     ``fit.curvature``, damping into ``score`` (unless ``score`` names its own), ``batch_size`` becomes
-    ``draws_per_forward``."""
+    ``draws_per_forward``, and 0 for "unset" (limit, image size, channels, sampling steps) becomes None."""
     d = copy.deepcopy(recorded)
     fit, score = d.get("fit"), d.get("score")
     if isinstance(fit, dict):
@@ -233,4 +250,9 @@ def upgrade_settings(recorded: dict) -> dict:
             fit.setdefault("draws_per_forward", fit.pop("batch_size"))
     if isinstance(score, dict) and "batch_size" in score:
         score.setdefault("draws_per_forward", score.pop("batch_size"))
+    # 0 meant "unset" for these before it was refused
+    for section, key in (("data", "limit"), ("data", "image_size"), ("data", "channels"),
+                         ("sample", "num_inference_steps")):
+        if isinstance(d.get(section), dict) and d[section].get(key) == 0:
+            d[section][key] = None
     return d

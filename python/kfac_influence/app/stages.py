@@ -1,12 +1,15 @@
-"""The stage bodies: each writes its outputs (``layout.OUTPUTS``) into its folder ``d``, atomically.
+"""The stage bodies: ``body(ctx, d, checkpoints) -> produced``. A body writes its outputs (``layout.OUTPUTS``)
+into ``d`` (the runner's staging folder, swapped into place when the body returns), keeps resumable state in
+``checkpoints`` (resuming from what a previous, interrupted run of the same fingerprint and inputs left there), and
+returns the identity of what it produced (model weights, queries, curvature values, scores; recorded in
+``stage.json`` and compared by the stages that read it).
 
-A body assumes its dependencies are done (the runner checks) and resumes from the checkpoints a previous,
-interrupted run of the same fingerprint left in ``d``.
+A body assumes its dependencies are done (the runner checks). The fit and score stages checkpoint every
+``RunConfig.checkpoint_seconds`` seconds and on SIGINT / SIGTERM (at the end of the current group).
 """
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Callable, Dict
 
 import torch
@@ -17,8 +20,9 @@ from ..diffusion.sampling import ddpm_sample
 from ..diffusion.training import train as train_model
 from ..report.figures import samples_figure
 from ..report.writer import write_report
+from ..identity import tensors_fingerprint
 from ..scoring import pairwise_scores
-from ..storage import atomic_write_json, save_tensors
+from ..storage import atomic_write_json, model_fingerprint, save_tensors
 from .context import RunContext
 from .fingerprints import needs_trajectory
 from .layout import StageError
@@ -30,25 +34,31 @@ SCORE_CONVENTION = ("S[q, n] > 0: removing training example n is predicted to ra
                     "(for loss: make the query less likely)")
 
 
-def train(ctx: RunContext, d: str) -> None:
-    """Train the initial model; write the EMA model (``pipeline/``) and the losses."""
+def query_names(seeds) -> list:
+    """A name per query for outputs meant for people: ``query_000 (seed 10000)``."""
+    return [f"query_{q:03d} (seed {int(s)})" for q, s in enumerate(seeds)]
+
+
+def train(ctx: RunContext, d: str, checkpoints: str) -> str:
+    """Train the initial model; write the EMA model (``pipeline/``) and the losses. Produces: the EMA weights'
+    fingerprint."""
     model, scheduler = ctx.initial_model()
     model.to(ctx.device)
-    checkpoints = os.path.join(d, "checkpoints")
     result = train_model(model, scheduler, ctx.data().images, ctx.config.train, checkpoint_dir=checkpoints,
                          progress=ctx.progress, device=ctx.device)
-    save_pipeline(result.model.cpu(), scheduler, os.path.join(d, "pipeline"))
-    shutil.rmtree(checkpoints, ignore_errors=True)  # optimiser state, no longer needed
+    ema = result.model.cpu()
+    save_pipeline(ema, scheduler, os.path.join(d, "pipeline"))
     atomic_write_json(os.path.join(d, "losses.json"), {"resumed_from": result.resumed_from,
                                                        "losses": result.losses})
     if result.losses:
         tail = result.losses[-min(100, len(result.losses)):]
         ctx.log(f"[train] mean loss of the last {len(tail)} steps: {sum(tail) / len(tail):.4f}")
-    ctx.forget_trained()
+    return model_fingerprint(ema.named_parameters())["values"]
 
 
-def sample(ctx: RunContext, d: str) -> None:
-    """Generate the queries; write ``samples.safetensors`` and ``samples.png``."""
+def sample(ctx: RunContext, d: str, checkpoints: str) -> str:
+    """Generate the queries; write ``samples.safetensors`` (with the queries' names) and ``samples.png``.
+    Produces: the samples' fingerprint."""
     model, scheduler = ctx.trained()
     s = ctx.config.sample
     res = ddpm_sample(model, scheduler, s.num_queries, ctx.data().shape, seed=s.seed, batch_size=s.batch_size,
@@ -57,27 +67,32 @@ def sample(ctx: RunContext, d: str) -> None:
     tensors = {"images": res.images, "seeds": res.seeds, "timesteps": res.timesteps}
     if res.trajectory is not None:
         tensors["trajectory"] = res.trajectory
-    save_tensors(os.path.join(d, "samples.safetensors"), tensors, {"kind": "samples", "settings": to_dict(s)})
+    save_tensors(os.path.join(d, "samples.safetensors"), tensors,
+                 {"kind": "samples", "settings": to_dict(s), "query_names": query_names(res.seeds)})
     samples_figure(os.path.join(d, "samples.png"), res.images,
                    [f"q{i} s{int(x)}" for i, x in enumerate(res.seeds)])
+    return tensors_fingerprint([tensors])
 
 
-def fit(ctx: RunContext, d: str) -> None:
-    """Fit the curvature of the training loss on the EMA model; write ``curvature.safetensors``."""
+def fit(ctx: RunContext, d: str, checkpoints: str) -> str:
+    """Fit the curvature of the training loss on the EMA model; write ``curvature.safetensors``. Produces: the
+    curvature values' fingerprint."""
     model, _ = ctx.trained()
     f = ctx.config.fit
     task = ctx.task()
     draws = ctx.draws_per_forward(model, task, "fit", f.draws_per_forward)
-    checkpoints = os.path.join(d, "checkpoints")
     curvature = fit_curvature(model, task, ctx.data().images, f.curvature, draws_per_forward=draws,
-                              checkpoint_dir=checkpoints, progress=ctx.progress, model_mode=ctx.config.model_mode)
+                              checkpoint_dir=checkpoints, progress=ctx.progress, model_mode=ctx.config.model_mode,
+                              checkpoint_seconds=ctx.config.checkpoint_seconds)
     curvature.save(os.path.join(d, "curvature.safetensors"))
-    shutil.rmtree(checkpoints, ignore_errors=True)  # resumable state, no longer needed
+    return curvature.values_fingerprint()
 
 
-def score(ctx: RunContext, d: str) -> None:
+def score(ctx: RunContext, d: str, checkpoints: str) -> str:
     """Score every query against every training example at the score settings' damping; write
-    ``scores.safetensors`` (scores (Q, N) float32, train_ids (N,), query_ids (Q,))."""
+    ``scores.safetensors`` (scores (Q, N) float32, train_ids (N,), query_ids (Q,); the header names every
+    training image (``train_names``: file names) and query (``query_names``)). Produces: the scores'
+    fingerprint."""
     model, _ = ctx.trained()
     curvature = ctx.curvature(model)
     samples = ctx.samples()
@@ -88,24 +103,27 @@ def score(ctx: RunContext, d: str) -> None:
     data = ctx.data()
     draws = ctx.draws_per_forward(model, task, "scores", sc.draws_per_forward, num_queries=len(queries),
                                   num_examples=len(data.images))
-    checkpoints = os.path.join(d, "checkpoints")
     scores = pairwise_scores(model, task, curvature, queries.to(ctx.device), data.images, draws_per_forward=draws,
                              damping=sc.damping, damping_mode=sc.damping_mode, progress=ctx.progress,
-                             model_mode=ctx.config.model_mode, checkpoint_dir=checkpoints)
+                             model_mode=ctx.config.model_mode, checkpoint_dir=checkpoints,
+                             checkpoint_seconds=ctx.config.checkpoint_seconds)
     scores = scores.float().cpu()
     if not torch.isfinite(scores).all():
         raise StageError("scores contain NaN or infinite values (try a larger --damping)")
     save_tensors(os.path.join(d, "scores.safetensors"),
                  {"scores": scores, "train_ids": data.ids, "query_ids": samples["seeds"]},
                  {"kind": "scores", "measurement": sc.measurement, "settings": to_dict(sc),
-                  "curvature": ctx.curvature_path(), "convention": SCORE_CONVENTION})
-    shutil.rmtree(checkpoints, ignore_errors=True)
+                  "curvature": ctx.curvature_path(), "convention": SCORE_CONVENTION,
+                  "train_names": list(data.names()), "query_names": query_names(samples["seeds"])})
+    return tensors_fingerprint([scores])
 
 
-def report(ctx: RunContext, d: str) -> None:
-    """Write the visual report (PNGs, ``report.md``, ``report.json``)."""
-    write_report(d, ctx.scores(), ctx.samples(), ctx.data(), ctx.config, ctx.out)
+def report(ctx: RunContext, d: str, checkpoints: str) -> None:
+    """Write the visual report (PNGs, ``report.md``, ``report.json``) into ``d``, linking files as seen from the
+    run's ``report/`` folder."""
+    write_report(d, ctx.scores(), ctx.samples(), ctx.data(), ctx.config, ctx.out,
+                 link_dir=os.path.join(ctx.out, "report"))
 
 
-BODIES: Dict[str, Callable[[RunContext, str], None]] = {
+BODIES: Dict[str, Callable[[RunContext, str, str], object]] = {
     "train": train, "sample": sample, "fit": fit, "score": score, "report": report}

@@ -1,15 +1,9 @@
 """``kfac-influence lds`` and ``kfac-influence retrain-top``: evaluate a score matrix by retraining.
 
-    kfac-influence lds --out runs/lds --scores runs/x/scores.safetensors --queries runs/x/queries.safetensors \
-        --data digits --limit 128 --model digits-tiny --steps 2000 --subsets 100 --seeds 5
-    kfac-influence retrain-top --out runs/top --scores ... --queries ... --percents 2 10
-
-Scores: a ``(Q, N)`` tensor (``.safetensors`` with one tensor or key "scores", ``.pt``, ``.npy``), in the order of
-the training data as loaded with the same --data/--limit/--data-seed, with the package's sign convention. Queries: a
-``(Q, C, H, W)`` image tensor in [-1, 1] (same formats; key "images"). Retrained models, measurements and results
-are cached under --out; rerunning the command resumes. Results: ``OUT/lds.json`` / ``OUT/retrain_top.json``.
-
 Registered by the main CLI with ``add_subcommands(subparsers)``; each subparser sets ``func`` (args -> exit code).
+The help text users see is ``USAGE`` below. Score and query files are read without unpickling anything
+(safetensors, ``numpy.load(allow_pickle=False)``, ``torch.load(weights_only=True)``); unreadable ones raise
+ValueError with one line.
 """
 from __future__ import annotations
 
@@ -22,18 +16,43 @@ import torch
 from safetensors.torch import load_file
 
 from ..diffusion import DataConfig, TrainConfig, build_model, load_dataset, make_scheduler
-from ..storage import atomic_write_json
+from ..storage import atomic_write_json, short_message
 from ..tasks import DiffusionTask
 from .ground_truth import diffusion_train_fn, task_measurements
 from .lds import LDSConfig, LDSRun
 from .retrain_top import RetrainTopConfig, retrain_top
 
-__all__ = ["add_subcommands"]
+__all__ = ["add_subcommands", "USAGE"]
+
+USAGE = """Evaluate the scores of a finished run (kfac-influence run --out runs/x ...) by retraining the model.
+
+  kfac-influence lds --out runs/x-lds --scores runs/x/scores/scores.safetensors \\
+      --queries runs/x/samples/samples.safetensors --data digits --limit 128 --model digits-tiny \\
+      --steps 2000 --subsets 100 --seeds 5
+  kfac-influence retrain-top --out runs/x-top --scores runs/x/scores/scores.safetensors \\
+      --queries runs/x/samples/samples.safetensors --data digits --limit 128 --percents 2 10
+
+Pass the same --data / --limit / --data-seed / --image-size as the run, so the training examples are in the order
+of the scores' columns. Scores: a (Q, N) tensor (.safetensors with one tensor or a "scores" entry, .npy, .npz,
+or a .pt tensor file); queries: a (Q, C, H, W) image tensor in [-1, 1] (same formats, an "images" entry).
+Retrained models and measurements are cached under --out, and rerunning resumes. Results: OUT/lds.json or
+OUT/retrain_top.json."""
 
 
 def _load_tensor(path: str, key: Optional[str] = None):
+    """The tensor in ``path`` (see USAGE), read without unpickling; ValueError (one line) otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
+    try:
+        return _read_tensor(path, key)
+    except ValueError:
+        raise
+    except Exception as exc:  # SafetensorError, UnpicklingError, zipfile and numpy errors ...
+        raise ValueError(f"{path}: not a readable tensor file ({type(exc).__name__}: {short_message(exc, 120)}); "
+                         f"pass a .safetensors, .npy, .npz or tensor-only .pt file") from None
+
+
+def _read_tensor(path: str, key: Optional[str]):
     if path.endswith(".safetensors"):
         d = load_file(path)
         if key and key in d:
@@ -42,9 +61,9 @@ def _load_tensor(path: str, key: Optional[str] = None):
             return next(iter(d.values()))
         raise ValueError(f"{path}: holds {sorted(d)}; expected one tensor or a {key!r} entry")
     if path.endswith(".npy"):
-        return torch.from_numpy(np.load(path))
+        return torch.from_numpy(np.load(path, allow_pickle=False))
     if path.endswith(".npz"):
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             k = key if key in z.files else (z.files[0] if len(z.files) == 1 else None)
             if k is None:
                 raise ValueError(f"{path}: holds {z.files}; expected one array or {key!r}")
@@ -62,7 +81,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", required=True, help="(Q, N) score matrix file")
     p.add_argument("--queries", required=True, help="(Q, C, H, W) query images file")
     p.add_argument("--data", default="digits", help="training data: digits, an image folder or an .npz")
-    p.add_argument("--limit", type=int, default=None, help="use a seeded subset of this many training examples")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use a seeded subset of this many training examples (as in the run)")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--model", default="digits-tiny", help="model preset or UNet2DModel JSON config (fresh init)")
@@ -79,18 +99,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """USAGE kept as written; defaults shown."""
+
+
 def add_subcommands(subparsers) -> None:
     """Add ``lds`` and ``retrain-top`` to an ``argparse`` subparsers object."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = subparsers.add_parser("lds", help="linear datamodelling score of a score matrix (retrains on subsets)",
-                              description=__doc__, formatter_class=fmt)
+                              description=USAGE, formatter_class=fmt)
     _common(p)
     p.add_argument("--subsets", type=int, default=100, help="number of random subsets M")
     p.add_argument("--alpha", type=float, default=0.5, help="fraction of the training data kept per subset")
     p.add_argument("--subset-seed", type=int, default=0)
     p.set_defaults(func=run_lds, seeds=5)
     p = subparsers.add_parser("retrain-top", help="retrain without the top-p%% examples per query vs random",
-                              description=__doc__, formatter_class=fmt)
+                              description=USAGE, formatter_class=fmt)
     _common(p)
     p.add_argument("--percents", type=float, nargs="+", default=[2.0, 10.0])
     p.add_argument("--query-index", type=int, nargs="*", default=None, help="only these queries")

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["query_figure", "summary_figure", "samples_figure"]
+__all__ = ["query_figure", "summary_figure", "samples_figure", "signed_top"]
 
 POS_COLOR = "#1a7f37"
 NEG_COLOR = "#c62828"
@@ -43,27 +43,49 @@ def _label(i: int, labels, class_names) -> str:
     return f" [{class_names[c] if class_names and 0 <= c < len(class_names) else c}]"
 
 
+def signed_top(scores: torch.Tensor, k: int):
+    """``(positive, negative)``: indices of the at most ``k`` largest strictly positive scores (largest first)
+    and of the at most ``k`` most negative strictly negative scores (most negative first). Fewer than ``k`` when
+    fewer scores have that sign: a "lowered" column never shows an example that raised the query, and vice
+    versa."""
+    k = max(0, min(k, scores.numel()))
+    pos = [n for n in scores.topk(k).indices.tolist() if float(scores[n]) > 0] if k else []
+    neg = [n for n in (-scores).topk(k).indices.tolist() if float(scores[n]) < 0] if k else []
+    return pos, neg
+
+
 def query_figure(path: str, query: torch.Tensor, title: str, scores: torch.Tensor, train_images: torch.Tensor,
                  train_ids: torch.Tensor, k: int, train_labels: Optional[torch.Tensor] = None,
                  class_names: Optional[Sequence[str]] = None) -> None:
-    """Write the PNG of one query. scores: ``(N,)`` this query's scores; train_images ``(N, C, H, W)``."""
+    """Write the PNG of one query. scores: ``(N,)`` this query's scores; train_images ``(N, C, H, W)``. The top row
+    shows up to k positive scores, the bottom row up to k negative ones (``signed_top``; fewer when fewer have
+    that sign, said in the row label)."""
     plt = _plt()
     k = max(1, min(k, scores.numel()))
-    pos = scores.topk(k).indices
-    neg = (-scores).topk(k).indices
+    pos, neg = signed_top(scores, k)
     fig = plt.figure(figsize=(1.35 * (k + 2.1), 3.6))
     gs = fig.add_gridspec(2, k + 2, width_ratios=[1.6, 0.5] + [1] * k, hspace=0.55, wspace=0.08)
     axq = fig.add_subplot(gs[:, 0])
     _show(axq, query)
     axq.set_title(title, fontsize=9)
-    for row, (idx, color, name) in enumerate([(pos, POS_COLOR, "raised"), (neg, NEG_COLOR, "lowered")]):
-        for j, n in enumerate(idx.tolist()):
+    for row, (idx, color, name, sign) in enumerate([(pos, POS_COLOR, "raised", "> 0"),
+                                                     (neg, NEG_COLOR, "lowered", "< 0")]):
+        label = f"top {k}\n{name}\n(score {sign})" if len(idx) == k else \
+            f"only {len(idx)}\n{name}\n(score {sign})"
+        if not idx:
+            ax = fig.add_subplot(gs[row, 2])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            ax.set_ylabel(label, fontsize=8, color=color, labelpad=6)
+        for j, n in enumerate(idx):
             ax = fig.add_subplot(gs[row, j + 2])
             _show(ax, train_images[n], frame=color)
             ax.set_title(f"id {int(train_ids[n])}{_label(n, train_labels, class_names)}\n{float(scores[n]):+.3g}",
                          fontsize=7, color=color)
             if j == 0:
-                ax.set_ylabel(f"top {k}\n{name}", fontsize=8, color=color, labelpad=6)
+                ax.set_ylabel(label, fontsize=8, color=color, labelpad=6)
     fig.text(0.5, 1.0, "training images that most raised (top) / lowered (bottom) the query's likelihood",
              fontsize=8, ha="center", va="bottom")
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -73,7 +95,8 @@ def query_figure(path: str, query: torch.Tensor, title: str, scores: torch.Tenso
 def summary_figure(path: str, queries: torch.Tensor, query_titles: Sequence[str], scores: torch.Tensor,
                    train_images: torch.Tensor, train_ids: torch.Tensor, k: int,
                    train_labels: Optional[torch.Tensor] = None, class_names: Optional[Sequence[str]] = None) -> None:
-    """Write the summary grid: row q = query q | its top-k positive | its top-k negative training images."""
+    """Write the summary grid: row q = query q | its top-k positive | its top-k negative training images (only
+    scores of that sign: fewer cells when fewer exist, ``signed_top``)."""
     plt = _plt()
     Q = queries.shape[0]
     k = max(1, min(k, scores.shape[1]))
@@ -87,14 +110,15 @@ def summary_figure(path: str, queries: torch.Tensor, query_titles: Sequence[str]
         ax = fig.add_subplot(gs[q, 0])
         _show(ax, queries[q])
         ax.set_title(query_titles[q], fontsize=6.5)
-        for block, (idx, color) in enumerate([(s.topk(k).indices, POS_COLOR), ((-s).topk(k).indices, NEG_COLOR)]):
-            for j, n in enumerate(idx.tolist()):
+        for block, (idx, color) in enumerate(zip(signed_top(s, k), (POS_COLOR, NEG_COLOR))):
+            for j, n in enumerate(idx):
                 ax = fig.add_subplot(gs[q, 2 + j + block * (k + 1)])
                 _show(ax, train_images[n], frame=color)
                 ax.set_title(f"{int(train_ids[n])}{_label(n, train_labels, class_names)} {float(s[n]):+.3g}",
                              fontsize=5.5, color=color)
-    fig.text(0.5, 1.0 - 0.12 / height, f"query  |  top {k} positive (raised its likelihood)  |  top {k} negative "
-             f"(lowered it)", fontsize=9, ha="center", va="top")
+    fig.text(0.5, 1.0 - 0.12 / height, f"query  |  top {k} positive scores (raised its likelihood)  |  top {k} "
+             f"negative scores (lowered it); fewer where fewer scores have that sign", fontsize=9, ha="center",
+             va="top")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -8,7 +8,7 @@ import torch
 
 from ..storage import atomic_write_json, atomic_write_text
 from .classes import PixelClassifier, class_match
-from .figures import query_figure, samples_figure, summary_figure
+from .figures import query_figure, samples_figure, signed_top, summary_figure
 
 __all__ = ["write_report"]
 
@@ -17,19 +17,31 @@ def _rel(path: str, start: str) -> str:
     return os.path.relpath(path, start).replace(os.sep, "/")
 
 
-def write_report(report_dir: str, scores: dict, samples: dict, data, settings, run_dir: Optional[str] = None) -> dict:
+def write_report(report_dir: str, scores: dict, samples: dict, data, settings, run_dir: Optional[str] = None,
+                 link_dir: Optional[str] = None) -> dict:
     """Write the report of one run into ``report_dir``.
 
     scores: ``{"scores": (Q, N), "train_ids": (N,), "query_ids": (Q,), "meta": {...}}``; samples: ``{"images":
     (Q, C, H, W), "seeds": (Q,)}``; data: the training ``ImageDataset`` (its ids must equal ``train_ids``);
-    settings: the run's ``kfac_influence.app.RunConfig``. Returns the summary written to ``report.json``.
+    settings: the run's ``kfac_influence.app.RunConfig``; link_dir: the folder the report will be read from
+    (default ``report_dir``; the pipeline writes into a staging folder and moves the files there), which relative
+    links start from. Returns the summary written to ``report.json``.
+
+    ``top_positive`` / ``top_negative`` list, per query, up to ``top_k`` ``[id, file name, score]`` entries with a
+    strictly positive / negative score (fewer when fewer scores have that sign).
     """
     os.makedirs(report_dir, exist_ok=True)
-    run_dir = run_dir or os.path.dirname(os.path.abspath(report_dir))
+    link_dir = link_dir or report_dir
+    run_dir = run_dir or os.path.dirname(os.path.abspath(link_dir))
     S = scores["scores"].float()
     ids = scores["train_ids"]
     if not torch.equal(ids, data.ids):
         raise ValueError("the training ids of the scores do not match the training data (settings changed?)")
+    train_names = data.names()
+    recorded_names = scores.get("meta", {}).get("train_names")
+    if recorded_names is not None and list(recorded_names) != list(train_names):
+        raise ValueError("the training file names of the scores do not match the training data (files renamed, "
+                         "added or removed?); rerun the score stage")
     queries = samples["images"]
     Q, N = S.shape
     k = min(settings.report.top_k, N)
@@ -39,7 +51,9 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
     summary = {"num_queries": Q, "num_train": N, "top_k": k, "measurement": scores.get("meta", {}).get("measurement"),
                "score_stats": {"min": float(S.min()), "max": float(S.max()), "mean": float(S.mean()),
                                "std": float(S.std()) if S.numel() > 1 else 0.0},
-               "top_positive": {}, "top_negative": {}}
+               "top_positive": {}, "top_negative": {},
+               "top_lists": "[id, file name, score]; only scores > 0 (positive) / < 0 (negative), so fewer than "
+                            "top_k where fewer scores have that sign"}
     qlabels = None
     if labels is not None and labels.unique().numel() > 1:
         clf = PixelClassifier(seed=0).fit(data.images, labels)
@@ -53,10 +67,11 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
             "per_query_positive": [round(float(v), 4) for v in cm.per_query],
         }
     for q in range(Q):
+        pos, neg = signed_top(S[q], k)
         summary["top_positive"][int(scores["query_ids"][q])] = [
-            [int(ids[n]), float(S[q, n])] for n in S[q].topk(k).indices.tolist()]
+            [int(ids[n]), train_names[n], float(S[q, n])] for n in pos]
         summary["top_negative"][int(scores["query_ids"][q])] = [
-            [int(ids[n]), float(S[q, n])] for n in (-S[q]).topk(k).indices.tolist()]
+            [int(ids[n]), train_names[n], float(S[q, n])] for n in neg]
 
     def title(q: int) -> str:
         t = f"query {q}"
@@ -93,7 +108,9 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
         "",
         "**Sign convention.** A positive score means removing that training example is predicted to *raise* the "
         "query's measurement, i.e. (for the loss) the example made the generated image *more likely*. "
-        "Green frames: top positive (raised the query's likelihood); red frames: top negative (lowered it).",
+        "Green frames: top positive (raised the query's likelihood); red frames: top negative (lowered it). "
+        "Each column shows only scores of its sign, so it holds fewer than "
+        f"{k} images where fewer training examples have that sign.",
         "",
     ]
     if "class_match" in summary:
@@ -126,15 +143,15 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
         "",
         "## Files",
         "",
-        f"- scores (Q x N float32, `train_ids`, `query_ids`): [{_rel(scores_path, report_dir)}]"
-        f"({_rel(scores_path, report_dir)})",
+        f"- scores (Q x N float32, `train_ids`, `query_ids`): [{_rel(scores_path, link_dir)}]"
+        f"({_rel(scores_path, link_dir)})",
         f"- numbers of this report: [report.json](report.json)",
-        f"- every setting, version and seed: [run.json]({_rel(os.path.join(run_dir, 'run.json'), report_dir)})",
-        f"- generated queries: [{_rel(os.path.join(run_dir, 'samples', 'samples.safetensors'), report_dir)}]"
-        f"({_rel(os.path.join(run_dir, 'samples', 'samples.safetensors'), report_dir)})",
-        f"- curvature: `{s.score.curvature or _rel(os.path.join(run_dir, 'fit', 'curvature.safetensors'), report_dir)}`",
+        f"- every setting, version and seed: [run.json]({_rel(os.path.join(run_dir, 'run.json'), link_dir)})",
+        f"- generated queries: [{_rel(os.path.join(run_dir, 'samples', 'samples.safetensors'), link_dir)}]"
+        f"({_rel(os.path.join(run_dir, 'samples', 'samples.safetensors'), link_dir)})",
+        f"- curvature: `{s.score.curvature or _rel(os.path.join(run_dir, 'fit', 'curvature.safetensors'), link_dir)}`",
         f"- model (EMA weights, diffusers DDPMPipeline folder): "
-        f"`{_rel(os.path.join(run_dir, 'train', 'pipeline'), report_dir)}`",
+        f"`{_rel(os.path.join(run_dir, 'train', 'pipeline'), link_dir)}`",
         "",
         f"Score statistics: min {summary['score_stats']['min']:.4g}, max {summary['score_stats']['max']:.4g}, "
         f"mean {summary['score_stats']['mean']:.4g}, std {summary['score_stats']['std']:.4g}.",
