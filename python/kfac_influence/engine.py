@@ -32,6 +32,7 @@ from .capture import LayerCapture, check_finite
 from .data_iter import iter_batches, num_batches
 from .storage import load_tensors, save_tensors
 from .tasks.base import Draws, Task
+from .tensorfile import TensorFile
 
 MODEL_MODES = ("eval", "train")
 
@@ -304,13 +305,25 @@ class Checkpoint:
         if self.path is None or not self.path.exists():
             return None
         tensors, saved = load_tensors(self.path)
+        self._compare(saved)
+        return tensors, saved
+
+    def peek(self) -> Optional[Dict[str, Any]]:
+        """The header of an existing checkpoint with the same identity, its tensors left unread; None when there
+        is none; ``CheckpointMismatch`` otherwise."""
+        if self.path is None or not self.path.exists():
+            return None
+        saved = TensorFile(self.path).header
+        self._compare(saved)
+        return saved
+
+    def _compare(self, saved: Dict[str, Any]) -> None:
         differs = [k for k, v in self.identity.items() if saved.get(k) != _json_like(v)]
         if differs:
             detail = "; ".join(f"{k}: {_short(saved.get(k))} in the checkpoint, {_short(self.identity[k])} now"
                                for k in differs)
             raise CheckpointMismatch(f"the checkpoint {self.path} was made from other inputs or settings "
                                      f"({detail}); delete it or use another checkpoint_dir")
-        return tensors, saved
 
     def save(self, tensors: Dict[str, torch.Tensor], **progress: Any) -> None:
         if self.path is None:

@@ -20,13 +20,13 @@ from typing import Any, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .capture import LayerCapture, select_layers
+from .capture import LayerCapture, LayerSpec, select_layers
 from .curvature.config import CurvatureConfig
 from .data_iter import get_batch, num_examples
 from .engine import model_device_dtype, use_model_mode
 
-__all__ = ["Footprint", "MemoryEstimate", "measure_footprint", "estimate", "choose_draws_per_forward", "parse_bytes",
-           "STAGES", "SCRATCH_BYTES"]
+__all__ = ["Footprint", "MemoryEstimate", "FitPlan", "measure_footprint", "estimate", "choose_draws_per_forward",
+           "plan_fit", "layer_state_bytes", "parse_bytes", "STAGES", "SCRATCH_BYTES"]
 
 STAGES = ("fit", "scores")
 SCRATCH_BYTES = 256 << 20  # kfac_kernels' torch path: per-example scratch budget per op call (chunk_size_for)
@@ -219,3 +219,73 @@ def choose_draws_per_forward(model: nn.Module, task, sample: Any, max_memory: Un
         else:
             hi = mid - 1
     return lo
+
+
+def layer_state_bytes(spec: LayerSpec, config: CurvatureConfig, model_dtype: torch.dtype) -> int:
+    """Bytes a layer's fit state can take at once (docs/memory.md): float64 sums of A, G and (EK-FAC) Lambda,
+    plus A, G and their eigenbases in the stored dtype (and the eigenvalue pass's bases in the model dtype)."""
+    a, g = spec.d_in_total, spec.d_out
+    item = torch.empty((), dtype=config.dtype).element_size()
+    pass_item = torch.empty((), dtype=model_dtype).element_size() if model_dtype != config.dtype else 0
+    lam = 8 * a * g if config.method == "ekfac" else 0
+    return 8 * (a * a + g * g) + (2 * item + pass_item) * (a * a + g * g) + 16 * (a + g) + lam
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What ``fit_curvature(max_memory=...)`` runs: ``draws_per_forward``, the layer ``partitions`` (one pair of
+    data passes each) and the predicted peak bytes (``peak``: fixed + activations + the largest partition's
+    state)."""
+    draws_per_forward: int
+    partitions: Tuple[Tuple[str, ...], ...]
+    peak: int
+
+
+def plan_fit(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *,
+             config: CurvatureConfig = CurvatureConfig(), partitions=None, headroom: float = 0.9,
+             max_batch: int = 4096, footprint: Optional[Footprint] = None) -> FitPlan:
+    """The fit's plan under ``headroom * max_memory``: at most half of what the parameters leave goes to the
+    draws of one forward (activations, captured gradients, scratch), the rest to the fit's state, split into as
+    few partitions of consecutive layers as fit (``partitions``: keep these). Raises ``MemoryError`` naming the
+    layer when one layer's state alone does not fit."""
+    budget = int(parse_bytes(max_memory) * headroom)
+    fp = footprint or measure_footprint(model, task, sample, config=config)
+    _, model_dtype = model_device_dtype(model)
+    nvec = fp.output_numel if config.fisher == "type2" else 1
+    specs = LayerCapture(select_layers(model, config.modules, config.exclude)).specs
+    state = {nm: layer_state_bytes(s, config, model_dtype) for nm, s in specs.items()}
+    free = budget - fp.param_bytes
+    if free <= 0:
+        raise MemoryError(f"fit: the model's parameters alone ({fp.param_bytes / 2**20:.0f} MiB) exceed "
+                          f"{budget / 2**20:.0f} MiB")
+
+    def draws_bytes(b: int) -> int:
+        e = estimate(fp, "fit", b, fisher_vectors=nvec)
+        return e.per_row * b + e.scratch
+
+    largest = max(state, key=state.get)
+    room = free - state[largest]
+    if room < draws_bytes(1):
+        raise MemoryError(f"fit: layer {largest!r} alone needs {state[largest] / 2**20:.0f} MiB of fit state, and "
+                          f"one draw per forward {draws_bytes(1) / 2**20:.0f} MiB more: over the "
+                          f"{free / 2**20:.0f} MiB the parameters leave of {budget / 2**20:.0f} MiB")
+    cap = max(draws_bytes(1), min(room, free // 2))
+    lo, hi = 1, max_batch
+    while lo < hi:  # draws_bytes is non-decreasing
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if draws_bytes(mid) <= cap else (lo, mid - 1)
+    per_forward = lo
+    state_budget = free - draws_bytes(per_forward)
+    if partitions is None:
+        parts, cur, acc = [], [], 0
+        for nm in specs:
+            if cur and acc + state[nm] > state_budget:
+                parts.append(tuple(cur))
+                cur, acc = [], 0
+            cur.append(nm)
+            acc += state[nm]
+        parts.append(tuple(cur))
+    else:
+        parts = [tuple(p) for p in partitions]
+    biggest = max(sum(state[nm] for nm in p) for p in parts)
+    return FitPlan(per_forward, tuple(parts), fp.param_bytes + draws_bytes(per_forward) + biggest)

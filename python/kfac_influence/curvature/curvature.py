@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Dict, Mapping, Optional
+from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -12,9 +13,38 @@ import kfac_kernels as kk
 
 from ..capture import LayerSpec, layer_spec, select_layers
 from ..identity import tensors_fingerprint
-from ..storage import load_tensors, model_fingerprint, save_tensors
+from ..storage import load_tensors, model_fingerprint
+from ..tensorfile import TensorFile, write_streamed
 from .config import CurvatureConfig
 from .damping import Damping
+
+
+FACTOR_NAMES = ("A", "G", "QA", "QG", "sA", "sG", "Lambda")  # what a stored curvature holds per layer
+
+
+def factor_layout(name: str, spec: LayerSpec, dtype: torch.dtype) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+    """``{"<name>::<factor>": (dtype, shape)}`` of one layer's stored factors (all in the curvature's dtype)."""
+    di, do = spec.d_in_total, spec.d_out
+    shapes = dict(A=(di, di), G=(do, do), QA=(di, di), QG=(do, do), sA=(di,), sG=(do,), Lambda=(do, di))
+    return {f"{name}::{k}": (dtype, shapes[k]) for k in FACTOR_NAMES}
+
+
+class LayerFiles(Mapping):
+    """``{layer: {factor: tensor}}`` backed by safetensors files, read a layer at a time when asked for (nothing
+    is held): the factors of a curvature bigger than memory (a partitioned fit, ``load_curvature(stream=True)``)."""
+
+    def __init__(self, files: Mapping[str, TensorFile]):
+        self.files = dict(files)
+
+    def __getitem__(self, name: str) -> Dict[str, torch.Tensor]:
+        got = self.files[name].get_many([f"{name}::{k}" for k in FACTOR_NAMES])
+        return {k.rsplit("::", 1)[1]: v for k, v in got.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
 
 
 def tracked_parameters(modules: Mapping[str, nn.Module]):
@@ -31,6 +61,9 @@ class Curvature:
 
     Damping is chosen when preconditioning (``damping=`` / ``damping_mode=``); ``default_damping`` applies when
     none is given (``Damping()``, or the damping stored by an older version in a loaded file).
+
+    ``factors`` is a dict in memory, or ``LayerFiles`` (``streamed``): then each layer is read from its file when
+    needed, the device cache holds one layer, and the next layer in module order is read ahead in a thread.
     """
 
     def __init__(self, config: CurvatureConfig, specs: Dict[str, LayerSpec], factors: Dict[str, Dict[str, torch.Tensor]],
@@ -45,12 +78,21 @@ class Curvature:
         self.num_draws = int(num_draws)
         self._device_cache: Dict = {}
         self._values_fp: Optional[str] = None
+        self._lambda_mean: Dict[str, float] = {}
+        self._ahead: Optional[Tuple[str, Future]] = None
+        self._reader: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the factors are read from files a layer at a time."""
+        return isinstance(self.factors, LayerFiles)
 
     def values_fingerprint(self) -> str:
-        """Fingerprint of the configuration and every factor's values (cached: factors are not changed in place
-        by this library)."""
+        """Fingerprint of the configuration and every factor's values, a layer at a time (cached: factors are not
+        changed in place by this library)."""
         if self._values_fp is None:
-            self._values_fp = tensors_fingerprint([self.config.to_dict(), {n: self.factors[n] for n in self.specs}])
+            self._values_fp = tensors_fingerprint(
+                [self.config.to_dict(), *((n, self.factors[n]) for n in self.specs)])
         return self._values_fp
 
     @property
@@ -86,15 +128,47 @@ class Curvature:
 
     def layer_damping(self, name: str, damping: Damping) -> float:
         """Absolute lambda of layer ``name`` under ``damping`` (relative mode: rho * mean(Lambda))."""
-        return damping.for_layer(self.eigenvalues(name))
+        if damping.mode == "absolute":
+            return damping.value
+        if name not in self._lambda_mean:
+            self._lambda_mean[name] = float(self.eigenvalues(name).double().mean())
+        return damping.value * self._lambda_mean[name]
 
     def device_factors(self, name: str, device: torch.device, dtype: torch.dtype):
-        """(Q_A, Q_G, Lambda) on a device and dtype, cached."""
+        """(Q_A, Q_G, Lambda) on a device and dtype, cached (streamed: this layer only; the next is read ahead)."""
         key = (name, str(device), dtype)
         if key not in self._device_cache:
-            self._device_cache[key] = tuple(self._get(name, k).to(device=device, dtype=dtype)
-                                            for k in ("QA", "QG", "Lambda"))
+            if name not in self.specs:
+                raise KeyError(f"layer {name!r} is not tracked; tracked layers: {self.module_names}")
+            if self.streamed:
+                self._device_cache.clear()
+                host = self._read_layer(name)
+                self._read_ahead(name)
+            else:
+                host = self.factors[name]
+            self._lambda_mean.setdefault(name, float(host["Lambda"].double().mean()))
+            self._device_cache[key] = tuple(host[k].to(device=device, dtype=dtype) for k in ("QA", "QG", "Lambda"))
         return self._device_cache[key]
+
+    def _read_layer(self, name: str) -> Dict[str, torch.Tensor]:
+        if self._ahead is not None and self._ahead[0] == name:
+            got = self._ahead[1].result()
+            self._ahead = None
+        else:
+            got = self.factors.files[name].get_many([f"{name}::{k}" for k in ("QA", "QG", "Lambda")])
+        return {k.rsplit("::", 1)[1]: v for k, v in got.items()}
+
+    def _read_ahead(self, name: str) -> None:
+        """Start reading the layer after ``name`` (module order) in a background thread."""
+        names = self.module_names
+        i = names.index(name) + 1
+        if i >= len(names):
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curvature-read-ahead")
+        nxt = names[i]
+        file = self.factors.files[nxt]
+        self._ahead = (nxt, self._reader.submit(file.get_many, [f"{nxt}::{k}" for k in ("QA", "QG", "Lambda")]))
 
     def precondition(self, grads: Mapping[str, torch.Tensor], *, damping: Optional[float] = None,
                      damping_mode: Optional[str] = None, backend=None) -> Dict[str, torch.Tensor]:
@@ -108,7 +182,7 @@ class Curvature:
                 raise KeyError(f"gradient for untracked layer {name!r}")
             if tuple(v.shape[1:]) != spec.grad_shape:
                 raise ValueError(f"layer {name!r}: gradient shape {tuple(v.shape[1:])}, expected {spec.grad_shape}")
-            qa, qg, lam = self.device_factors(name, v.device, self.config.dtype)
+            qa, qg, lam = self.device_factors(name, v.device, self.config.dtype)  # streamed: reads this layer
             out[name] = kk.precondition(v.to(self.config.dtype), qa, qg, lam, self.layer_damping(name, damp),
                                         backend=backend)
         return out
@@ -136,11 +210,24 @@ class Curvature:
         return modules
 
     def save(self, path: os.PathLike) -> None:
-        tensors = {f"{name}::{k}": t for name, f in self.factors.items() for k, t in f.items()}
+        """Write the curvature to one safetensors file, a layer at a time (a streamed curvature is never held
+        whole), atomically."""
+        layout = {}
+        for name, spec in self.specs.items():
+            layout.update(factor_layout(name, spec, self.config.dtype))
+        current: Dict[str, Dict[str, torch.Tensor]] = {}
+
+        def produce(key: str) -> torch.Tensor:
+            name, k = key.rsplit("::", 1)
+            if name not in current:
+                current.clear()
+                current[name] = self.factors[name]
+            return current[name][k].to(self.config.dtype)
+
         header = {"kind": "curvature", "config": self.config.to_dict(),
                   "specs": {n: asdict(s) for n, s in self.specs.items()}, "fingerprint": self.fingerprint,
                   "num_examples": self.num_examples, "num_draws": self.num_draws}
-        save_tensors(path, tensors, header)
+        write_streamed(path, layout, produce, header)
 
 
 def _spec_from_dict(d: dict) -> LayerSpec:
@@ -150,22 +237,37 @@ def _spec_from_dict(d: dict) -> LayerSpec:
     return LayerSpec(**d)
 
 
-def load_curvature(path: os.PathLike, model: nn.Module = None, *, check_values: bool = True) -> Curvature:
-    """Load a saved curvature; with ``model``, refuse (ValueError) one whose tracked layers or weights differ."""
-    tensors, header = load_tensors(path)
+def load_curvature(path: os.PathLike, model: nn.Module = None, *, check_values: bool = True,
+                   stream: bool = False) -> Curvature:
+    """Load a saved curvature; with ``model``, refuse (ValueError) one whose tracked layers or weights differ.
+
+    ``stream``: read nothing but the header now; each layer's factors are read from the file when a computation
+    needs them (for curvatures bigger than memory; ``pairwise_scores`` then reads each layer once)."""
+    if stream:
+        file = TensorFile(path)
+        header = file.header
+    else:
+        tensors, header = load_tensors(path)
     if header.get("kind") != "curvature":
         raise ValueError(f"{path} holds {header.get('kind')!r}, not a curvature")
-    factors: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        name, k = key.rsplit("::", 1)
-        factors.setdefault(name, {})[k] = t
     specs = {n: _spec_from_dict(s) for n, s in header["specs"].items()}
+    if stream:
+        missing = [n for n in specs if any(f"{n}::{k}" not in file.keys for k in FACTOR_NAMES)]
+        if missing:
+            raise ValueError(f"{path}: factors missing for layer(s) {missing[:3]}")
+        factors = LayerFiles({n: file for n in specs})
+    else:
+        factors = {}
+        for key, t in tensors.items():
+            name, k = key.rsplit("::", 1)
+            factors.setdefault(name, {})[k] = t
+        factors = {n: factors[n] for n in specs}
     stored = header["config"]
     # files written before damping moved to scoring time keep their damping as the default
     default = Damping(stored["damping"], stored.get("damping_mode", "absolute")) \
         if "damping" in stored else Damping()
-    curv = Curvature(CurvatureConfig.from_dict(stored), specs, {n: factors[n] for n in specs},
-                     header["fingerprint"], header["num_examples"], header["num_draws"], default_damping=default)
+    curv = Curvature(CurvatureConfig.from_dict(stored), specs, factors, header["fingerprint"],
+                     header["num_examples"], header["num_draws"], default_damping=default)
     if model is not None:
         curv.check_model(model, check_values=check_values)
     return curv

@@ -7,7 +7,7 @@ sum_r g g^T; reduce: a = mean_r a_r, g = sum_r g_r, both averaged over (n, draw)
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -15,15 +15,17 @@ import torch.nn as nn
 import kfac_kernels as kk
 
 from ..capture import (LayerCapture, LayerSpec, calls_as_rows, grads_as_rows, inputs_as_rows, joined_rows,
-                       select_layers)
+                       layer_spec, select_layers)
 from ..data_iter import num_examples
 from ..engine import (Checkpoint, Shard, check_draws_per_forward, draw_pass, finite_layer_sum, model_device_dtype,
                       total_groups)
-from ..identity import data_fingerprint
+from ..identity import data_fingerprint, task_fingerprint
+from ..memory import layer_state_bytes, plan_fit
 from ..storage import model_fingerprint
 from ..tasks.base import Task
 from .config import CurvatureConfig
-from .curvature import Curvature, tracked_parameters
+from ..tensorfile import TensorFile
+from .curvature import Curvature, LayerFiles, tracked_parameters
 
 STATE_FILE = "fit_state.safetensors"
 
@@ -182,7 +184,8 @@ def _finish_factors(state: _FitState, specs: Dict[str, LayerSpec], config: Curva
 def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConfig = CurvatureConfig(), *,
                   draws_per_forward: int = 32, checkpoint_dir: Optional[os.PathLike] = None, progress: bool = True,
                   model_mode: str = "eval", checkpoint_every: Optional[int] = None,
-                  checkpoint_seconds: float = 60.0, shard: Shard = Shard()) -> Curvature:
+                  checkpoint_seconds: float = 60.0, partitions: Optional[Union[int, Sequence[Sequence[str]]]] = None,
+                  max_memory: Optional[Union[int, str]] = None, shard: Shard = Shard()) -> Curvature:
     """Fit (E)K-FAC curvature of ``task``'s training loss on ``data``.
 
     Args:
@@ -195,6 +198,13 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
         checkpoint_every: save every this many groups of examples; checkpoint_seconds: and at the end of the
             first group this long after the last save. SIGINT / SIGTERM during the fit stop it at the end of the
             current group, after saving (a second signal stops at once).
+        partitions: fit the layers in this many groups (contiguous in module order, balanced by state size), or
+            in these lists of layer names: one pair of data passes per partition, each partition's factors
+            written to ``checkpoint_dir`` and dropped from memory as soon as they are done. The result is then a
+            streamed ``Curvature`` (read from those files a layer at a time; ``save`` writes one file).
+            Partitioned factors equal unpartitioned ones (bitwise in float64).
+        max_memory: a budget (bytes or "8GiB") for the whole fit: picks ``draws_per_forward`` and the partitions
+            from the memory model (``memory.plan_fit``; explicit ``partitions`` are kept).
         shard: this process's share of the data (``kfac_influence.distributed.fit_curvature`` passes it); the
             result is the same on every rank and equals one process's up to float64 summation order.
     """
@@ -203,22 +213,84 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
     draws_per_forward = check_draws_per_forward(draws_per_forward)
     device, dtype = model_device_dtype(model)
     modules = select_layers(model, config.modules, config.exclude)
-    capture = LayerCapture(modules)
-    specs = capture.specs
+    specs = {nm: layer_spec(nm, mod) for nm, mod in modules.items()}
     n = num_examples(data)
     if n == 0:
         raise ValueError("the training data is empty")
+    if max_memory is not None:
+        plan = plan_fit(model, task, data, max_memory, config=config,
+                        partitions=None if partitions is None else _partition_lists(partitions, specs, config,
+                                                                                   dtype))
+        draws_per_forward, partitions = plan.draws_per_forward, plan.partitions
+    parts = _partition_lists(partitions if partitions is not None else 1, specs, config, dtype)
     m = int(config.num_draws or task.num_draws("train"))
     groups = shard.owned(total_groups(data, draws_per_forward, m))
     fingerprint = model_fingerprint(tracked_parameters(modules))
     identity = {"kind": "fit_state", "version": STATE_VERSION, "config": config.to_dict(), "num_examples": n,
-                "draws_per_forward": draws_per_forward, "num_draws": m, "task": type(task).__name__,
+                "draws_per_forward": draws_per_forward, "num_draws": m, "task": task_fingerprint(task),
                 "model_dtype": str(dtype), "fingerprint": fingerprint, "shard": [shard.rank, shard.world_size],
-                "groups": [groups.start, groups.stop]}
-    if checkpoint_dir is not None:  # hashing the data costs a read: only where a checkpoint needs it
+                "groups": [groups.start, groups.stop], "partitions": [list(p) for p in parts]}
+    folder = shard.checkpoint_dir(checkpoint_dir)
+    if folder is not None:  # hashing the data costs a read: only where a checkpoint needs it
         identity["data"] = data_fingerprint(data)
-    ckpt = Checkpoint(shard.checkpoint_dir(checkpoint_dir), STATE_FILE, identity, every=checkpoint_every,
-                      seconds=checkpoint_seconds)
+    run = dict(model=model, task=task, data=data, config=config, draws_per_forward=draws_per_forward, m=m,
+               groups=groups, shard=shard, progress=progress, model_mode=model_mode, device=device, dtype=dtype)
+    if len(parts) == 1:
+        ckpt = Checkpoint(folder, STATE_FILE, identity, every=checkpoint_every, seconds=checkpoint_seconds)
+        factors = _fit_layers(modules, ckpt, **run)
+        return Curvature(config, specs, factors, fingerprint, n, m)
+    if folder is None:
+        raise ValueError("a partitioned fit writes each partition's factors to checkpoint_dir: pass one")
+    files = {}
+    for k, names in enumerate(parts):
+        tag = f"{k + 1}-of-{len(parts)}"
+        result = Checkpoint(folder, f"partition-{tag}.safetensors", {**identity, "partition": k})
+        if result.peek() is None:
+            ckpt = Checkpoint(folder, f"fit_state-{tag}.safetensors", {**identity, "partition": k},
+                              every=checkpoint_every, seconds=checkpoint_seconds)
+            factors = _fit_layers({nm: modules[nm] for nm in names}, ckpt, **run)
+            result.save({f"{nm}::{key}": t for nm, f in factors.items() for key, t in f.items()})
+            del factors  # this partition's layers leave memory before the next partition's passes
+        file = TensorFile(result.path)
+        files.update({nm: file for nm in names})
+    return Curvature(config, specs, LayerFiles(files), fingerprint, n, m)
+
+
+def _partition_lists(partitions: Union[int, Sequence[Sequence[str]]], specs: Dict[str, LayerSpec],
+                     config: CurvatureConfig, model_dtype: torch.dtype) -> List[List[str]]:
+    """Layer-name lists from a partition count (contiguous in module order, balanced by fit-state bytes) or
+    explicit lists (checked: every tracked layer exactly once)."""
+    names = list(specs)
+    if isinstance(partitions, int) and not isinstance(partitions, bool):
+        k = int(partitions)
+        if not 1 <= k <= len(names):
+            raise ValueError(f"partitions must be between 1 and the number of tracked layers ({len(names)}), "
+                             f"got {k}")
+        sizes = [layer_state_bytes(specs[nm], config, model_dtype) for nm in names]
+        total, out, cur, acc = sum(sizes), [], [], 0
+        for i, (nm, size) in enumerate(zip(names, sizes)):
+            left_parts, left_layers = k - len(out), len(names) - i
+            if cur and len(out) < k - 1 and (acc + size / 2 > total * (len(out) + 1) / k
+                                             or left_layers < left_parts):
+                out.append(cur)
+                cur = []
+            cur.append(nm)
+            acc += size
+        out.append(cur)
+        return out
+    lists = [list(p) for p in partitions]
+    flat = [nm for p in lists for nm in p]
+    if sorted(flat) != sorted(names) or len(set(flat)) != len(flat) or any(not p for p in lists):
+        raise ValueError("partitions must list every tracked layer exactly once, in non-empty groups "
+                         f"(tracked: {len(names)} layers, e.g. {names[:3]})")
+    return lists
+
+
+def _fit_layers(modules: Dict[str, nn.Module], ckpt: Checkpoint, *, model, task, data, config, draws_per_forward, m,
+                groups, shard, progress, model_mode, device, dtype) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Both passes and the eigendecompositions for the layers ``modules``; ``{layer: {factor: CPU tensor}}``."""
+    capture = LayerCapture(modules)
+    specs = capture.specs
     loaded = ckpt.load()
     state = _FitState.restore(loaded, specs, device) if loaded else _FitState(specs, device, groups.start)
 
@@ -283,4 +355,4 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
         factors[nm] = {k: v.detach().to("cpu", config.dtype) for k, v in
                        dict(A=res[f"{nm}::A"], G=res[f"{nm}::G"], QA=res[f"{nm}::QA"], QG=res[f"{nm}::QG"],
                             sA=res[f"{nm}::sA"], sG=res[f"{nm}::sG"], Lambda=lam_nm).items()}
-    return Curvature(config, specs, factors, fingerprint, n, m)
+    return factors

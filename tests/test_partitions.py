@@ -1,0 +1,114 @@
+"""Budgeted execution: a fit split into partitions of layers equals the unpartitioned fit (bitwise in float64), its
+result is streamed from the partition files, a streamed curvature scores and saves like an in-memory one, and the
+memory budget picks the partitions."""
+import pytest
+import torch
+
+from kfac_influence import CurvatureConfig, fit_curvature, load_curvature, pairwise_scores
+from kfac_influence.capture import select_layers
+from kfac_influence.curvature.curvature import FACTOR_NAMES
+from kfac_influence.engine import CheckpointMismatch
+from kfac_influence.memory import layer_state_bytes, measure_footprint, plan_fit
+from kfac_influence.tasks import DiffusionTask
+
+from helpers import scheduler, tiny_unet
+
+F64 = torch.float64
+
+
+def setup(method="ekfac"):
+    unet = tiny_unet(size=4)
+    task = DiffusionTask(scheduler(), num_train_draws=2, num_query_draws=2, seed=3)
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64) * 2 - 1
+    return unet, task, x, CurvatureConfig(method=method, dtype=F64, num_draws=2)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    unet, task, x, cfg = setup()
+    return fit_curvature(unet, task, x, cfg, draws_per_forward=4, progress=False)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_partitioned_fit_equals_unpartitioned_bitwise(tmp_path, reference, parts):
+    unet, task, x, cfg = setup()
+    curv = fit_curvature(unet, task, x, cfg, draws_per_forward=4, progress=False, partitions=parts,
+                         checkpoint_dir=tmp_path)
+    assert curv.streamed == (parts > 1)
+    if parts > 1:
+        assert sorted(p.name for p in tmp_path.glob("partition-*")) == \
+            [f"partition-{k}-of-{parts}.safetensors" for k in range(1, parts + 1)]
+    for name in reference.module_names:
+        got = curv.factors[name]
+        for k in FACTOR_NAMES:
+            assert torch.equal(got[k], reference.factors[name][k]), (parts, name, k)
+    # streamed scoring reads each layer from the files: the same scores
+    q = x[:2]
+    want = pairwise_scores(unet, task, reference, q, x, draws_per_forward=4, progress=False, damping=1e-3)
+    assert torch.equal(pairwise_scores(unet, task, curv, q, x, draws_per_forward=4, progress=False, damping=1e-3),
+                       want)
+    # a streamed curvature saves to one file, a layer at a time; it loads eagerly or streamed, unchanged
+    curv.save(tmp_path / "curvature.safetensors")
+    for stream in (False, True):
+        back = load_curvature(tmp_path / "curvature.safetensors", unet, stream=stream)
+        assert back.streamed == stream
+        for name in reference.module_names:
+            for k in FACTOR_NAMES:
+                assert torch.equal(back.factors[name][k], reference.factors[name][k])
+
+
+def test_kfac_partitions_and_explicit_lists(tmp_path):
+    unet, task, x, cfg = setup("kfac")
+    want = fit_curvature(unet, task, x, cfg, draws_per_forward=4, progress=False)
+    names = want.module_names
+    lists = [names[1::2], names[0::2]]  # not in module order: any grouping works
+    curv = fit_curvature(unet, task, x, cfg, draws_per_forward=4, progress=False, partitions=lists,
+                         checkpoint_dir=tmp_path)
+    for name in names:
+        for k in FACTOR_NAMES:
+            assert torch.equal(curv.factors[name][k], want.factors[name][k])
+    with pytest.raises(ValueError, match="every tracked layer exactly once"):
+        fit_curvature(unet, task, x, cfg, progress=False, partitions=[names[:2]], checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        fit_curvature(unet, task, x, cfg, progress=False, partitions=2)
+    with pytest.raises(ValueError, match="between 1 and"):
+        fit_curvature(unet, task, x, cfg, progress=False, partitions=len(names) + 1, checkpoint_dir=tmp_path)
+
+
+def test_finished_partitions_are_reused_and_checked(tmp_path):
+    unet, task, x, cfg = setup()
+    fit_curvature(unet, task, x, cfg, draws_per_forward=4, progress=False, partitions=2, checkpoint_dir=tmp_path)
+    first = tmp_path / "partition-1-of-2.safetensors"
+    stamp = first.stat().st_mtime_ns
+    fit_curvature(unet, task, x, cfg, draws_per_forward=4, progress=False, partitions=2, checkpoint_dir=tmp_path)
+    assert first.stat().st_mtime_ns == stamp  # a finished partition is not refitted
+    with pytest.raises(CheckpointMismatch, match="data: "):  # other data of the same size: refused
+        fit_curvature(unet, task, x.flip(0), cfg, draws_per_forward=4, progress=False, partitions=2,
+                      checkpoint_dir=tmp_path)
+
+
+def test_memory_budget_picks_partitions(tmp_path, reference):
+    unet, task, x, cfg = setup()
+    fp = measure_footprint(unet, task, x, config=cfg)
+    specs = select_layers(unet)
+    state = sum(layer_state_bytes(s, cfg, F64) for s in reference.specs.values())
+    roomy = plan_fit(unet, task, x, 64 * 2 ** 20 + fp.param_bytes, config=cfg, footprint=fp)
+    assert len(roomy.partitions) == 1 and roomy.partitions[0] == tuple(specs)
+    # a budget that leaves room for about a third of the fit's state (and a draw or two): several partitions,
+    # each within the state budget, covering every layer in module order
+    draws = fp.act_bytes_per_row + fp.out_bytes_per_row + 2 * fp.output_numel * 8 + fp.unfold_bytes_per_row
+    tight = plan_fit(unet, task, x, (fp.param_bytes + state // 3 + 4 * draws) / 0.9, config=cfg, footprint=fp)
+    assert len(tight.partitions) >= 3
+    assert [nm for p in tight.partitions for nm in p] == list(specs)
+    assert tight.peak <= (fp.param_bytes + state // 3 + 4 * draws)
+    curv = fit_curvature(unet, task, x, cfg, progress=False, checkpoint_dir=tmp_path,
+                         max_memory=int((fp.param_bytes + state // 3 + 4 * draws) / 0.9))
+    assert curv.streamed
+    for name in reference.module_names:  # another number of draws per forward: other summation order only
+        want = reference.factors[name]["A"]
+        torch.testing.assert_close(curv.factors[name]["A"], want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    biggest = max(layer_state_bytes(s, cfg, F64) for s in reference.specs.values())
+    with pytest.raises(MemoryError, match="alone needs"):  # room for the parameters, not for the largest layer
+        plan_fit(unet, task, x, (fp.param_bytes + biggest // 2) / 0.9, config=cfg, footprint=fp)
+    with pytest.raises(MemoryError, match="parameters alone"):
+        plan_fit(unet, task, x, fp.param_bytes // 2, config=cfg, footprint=fp)
