@@ -14,6 +14,8 @@ import torch
 
 from . import dispatch
 from .ops import covariance as _cov, eigen_correction as _ec, pairwise as _pw, precondition as _pc  # noqa: F401
+from .ops import lowrank as _lr  # noqa: F401
+from .ops.lowrank import LowRankQueries, lowrank_queries
 from .ops.im2col import ConvPatches, conv_output_size, unfold_conv_input
 from .ops.pairwise import Int8Queries, quantize_int8
 from .ops.per_example import per_example_gradients
@@ -22,7 +24,7 @@ from .ops.per_example import per_example_gradients
 __all__ = [
     "linear_covariance", "conv_covariance", "eigenvalue_correction", "eigenbasis_self_scores", "precondition",
     "pairwise_scores", "per_example_gradients", "unfold_conv_input", "conv_output_size", "Int8Queries",
-    "quantize_int8", "dispatch", "ConvPatches",
+    "quantize_int8", "dispatch", "ConvPatches", "LowRankQueries", "lowrank_queries", "lowrank_pairwise_scores",
 ]
 
 
@@ -66,3 +68,11 @@ def pairwise_scores(a: torch.Tensor, g: torch.Tensor, queries, *, append_one: bo
                     out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """``out += S``, ``S[q, b] = <queries[q], sum_r g_br a_br'^T>``, shape ``(Q, B)``."""
     return dispatch.resolve("pairwise_scores", a.device, backend)(a, g, queries, append_one=append_one, out=out)
+
+
+def lowrank_pairwise_scores(a: torch.Tensor, g: torch.Tensor, queries: LowRankQueries, *, append_one: bool = False,
+                            out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """``out += S``, ``S[q, b] = <left_q right_q^T, sum_r g_br a_br'^T>`` for rank-k queries
+    (``lowrank_queries``), without forming any gradient matrix; shape ``(Q, B)``."""
+    return dispatch.resolve("lowrank_pairwise_scores", g.device, backend)(a, g, queries, append_one=append_one,
+                                                                           out=out)

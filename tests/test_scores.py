@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, jacrev, vmap, grad
 
-from kfac_influence import CurvatureConfig, fit_curvature, pairwise_scores, self_scores
+import kfac_kernels as kk
+from kfac_influence import (CurvatureConfig, fit_curvature, pairwise_scores, preconditioned_query_gradients,
+                            self_scores)
 from kfac_influence.engine import Shard, examples_of_groups, shard_groups
 from kfac_influence.tasks import DiffusionTask, RegressionTask
 
@@ -124,3 +126,25 @@ def test_scores_with_one_draw_and_int8_queries():
     assert S.shape == (2, 6) and torch.isfinite(S).all()
     rel = (S8 - S).norm() / S.norm()
     assert rel < 0.05, rel
+
+
+def test_low_rank_query_scores_equal_scores_of_the_rank_k_matrices():
+    unet = tiny_unet(size=4)
+    task = DiffusionTask(scheduler(), num_train_draws=2, num_query_draws=2, seed=6)
+    x = torch.rand(5, 1, 4, 4, dtype=F64) * 2 - 1
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), draws_per_forward=4, progress=False)
+    run = dict(draws_per_forward=4, progress=False, damping=1e-3)
+    pre = preconditioned_query_gradients(unet, task, curv, x[:3], draws_per_forward=4, damping=1e-3)
+    full = pairwise_scores(unet, task, curv, x[:3], x, preconditioned=pre, **run)
+    for rank in (1, 2):
+        # the definition: the dense rank-k matrices (truncated SVD) scored the ordinary way
+        dense = {k: kk.lowrank_queries(v, rank).dense() for k, v in pre.items()}
+        want = pairwise_scores(unet, task, curv, x[:3], x, preconditioned=dense, **run)
+        got = pairwise_scores(unet, task, curv, x[:3], x, query_rank=rank, **run)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+        assert not torch.allclose(got, full, rtol=1e-3)  # rank 1-2 is an approximation here
+    widest = max(min(v.shape[1:]) for v in pre.values())
+    torch.testing.assert_close(pairwise_scores(unet, task, curv, x[:3], x, query_rank=widest, **run), full,
+                               rtol=1e-9, atol=1e-9 * float(full.abs().max()))
+    with pytest.raises(ValueError, match="int8"):
+        pairwise_scores(unet, task, curv, x[:3], x, query_rank=2, int8_queries=True, **run)

@@ -65,29 +65,32 @@ def _conv_per_example_gradients(p: ConvPatches, g: torch.Tensor) -> torch.Tensor
     return gw.reshape(b, d_out, -1)
 
 
-def _check_q_a(q_a: torch.Tensor, d_in: int, append_one: bool) -> None:
-    if q_a.shape != (d_in + int(append_one),) * 2:
-        raise ValueError(f"q_a has shape {tuple(q_a.shape)}, expected {(d_in + int(append_one),) * 2}")
+def _check_q_a(q_a: torch.Tensor, d_in: int, append_one: bool, square: bool = True) -> None:
+    rows = d_in + int(append_one)
+    if q_a.dim() != 2 or q_a.shape[0] != rows or (square and q_a.shape[1] != rows):
+        want = f"{(rows, rows)}" if square else f"({rows}, k)"
+        raise ValueError(f"q_a has shape {tuple(q_a.shape)}, expected {want}")
 
 
-def rotate_inputs(a: torch.Tensor, q_a: torch.Tensor, append_one: bool) -> torch.Tensor:
-    """``[a, 1] @ q_a`` without concatenating the ones column. a: (..., D_in), q_a: (D_in', D_in')."""
+def rotate_inputs(a: torch.Tensor, q_a: torch.Tensor, append_one: bool, square: bool = True) -> torch.Tensor:
+    """``[a, 1] @ q_a`` without concatenating the ones column. a: (..., D_in), q_a: (D_in', D_in') (or
+    (D_in', k) with ``square=False``: a projection)."""
     d_in = a.shape[-1]
-    _check_q_a(q_a, d_in, append_one)
+    _check_q_a(q_a, d_in, append_one, square)
     if append_one:  # the ones column's row of q_a enters as addmm's bias: no second pass over the result
         flat = a.reshape(-1, d_in)
         return torch.addmm(q_a[d_in], flat, q_a[:d_in]).reshape(*a.shape[:-1], q_a.shape[1])
     return a @ q_a
 
 
-def rotate_patches(p: ConvPatches, q_a: torch.Tensor, append_one: bool) -> torch.Tensor:
+def rotate_patches(p: ConvPatches, q_a: torch.Tensor, append_one: bool, square: bool = True) -> torch.Tensor:
     """``[rows(p), 1] @ q_a`` transposed, ``(B, D_in', R)``, as one convolution of ``p.x`` whose D_in' output
     channels are the columns of q_a (the ones row enters as the bias): the same multiply-adds as unfolding and
     multiplying, without the (B, R, C*kh*kw) patch tensor, at the convolution's speed (on a CPU the whole
     eigenvalue correction of a 3x3 conv at 8x8 positions got 1.2-1.3x faster, bench/RESULTS.md)."""
     b, c = p.x.shape[:2]
     d_in = p.shape[-1]
-    _check_q_a(q_a, d_in, append_one)
+    _check_q_a(q_a, d_in, append_one, square)
     kernel, stride, padding, dilation = p.geometry
     weight = q_a[:d_in].T.reshape(q_a.shape[1], c, *kernel)  # output channel j = column j of q_a
     out = torch.nn.functional.conv2d(p.x.to(q_a.dtype), weight, q_a[d_in] if append_one else None, stride=stride,

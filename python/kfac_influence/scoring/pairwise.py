@@ -38,17 +38,32 @@ SPLITS = ("train", "queries")
 def preconditioned_query_gradients(model: nn.Module, task: Task, curvature: Curvature, queries: Any, *,
                                    draws_per_forward: int = 32, progress: bool = False, model_mode: str = "eval",
                                    check_values: bool = True, damping: Optional[float] = None,
-                                   damping_mode: Optional[str] = None,
-                                   groups: Optional[range] = None) -> Dict[str, torch.Tensor]:
+                                   damping_mode: Optional[str] = None, query_rank: Optional[int] = None,
+                                   groups: Optional[range] = None) -> Dict[str, Any]:
     """``{layer: (Q, d_out, d_in')}``: (G_hat + lambda I)^-1 grad m(x_q), on the model's device (``damping`` /
     ``damping_mode``: as in ``Curvature.precondition``; ``groups``: only those query groups, as in
-    ``example_gradients``)."""
+    ``example_gradients``). ``query_rank``: each layer's matrices replaced by their best rank-k approximations
+    (``kfac_kernels.LowRankQueries``), a layer at a time, so the full preconditioned gradients never coexist."""
     modules = curvature.check_model(model, check_values=check_values)
     damp = curvature.resolve_damping(damping, damping_mode)
     grads = example_gradients(model, task, modules, queries, purpose="query", draws_per_forward=draws_per_forward,
                               progress=progress, model_mode=model_mode, groups=groups)
     # a layer at a time, each raw gradient dropped once preconditioned: Q * (W + largest layer), not 2 Q * W
-    return {name: curvature.precondition({name: grads.pop(name)}, damping=damp)[name] for name in list(grads)}
+    out = {}
+    for name in list(grads):
+        pre = curvature.precondition({name: grads.pop(name)}, damping=damp)[name]
+        out[name] = pre if query_rank is None else kk.lowrank_queries(pre, query_rank)
+    return out
+
+
+def _held_queries(v, int8: bool, device: torch.device, dtype: torch.dtype):
+    """A layer's preconditioned query gradients as the train pass holds them: int8, low rank or dense, on the
+    model's device and dtype."""
+    if int8:
+        return kk.quantize_int8(v)
+    if isinstance(v, kk.LowRankQueries):
+        return kk.LowRankQueries(v.left.to(device=device, dtype=dtype), v.right.to(device=device, dtype=dtype))
+    return v.to(device=device, dtype=dtype)
 
 
 def _accumulator_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -59,8 +74,8 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                     draws_per_forward: int = 32, progress: bool = True, model_mode: str = "eval",
                     checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: Optional[int] = None,
                     checkpoint_seconds: float = 60.0, check_values: bool = True, int8_queries: bool = False,
-                    damping: Optional[float] = None,
-                    damping_mode: Optional[str] = None, preconditioned: Optional[Dict[str, torch.Tensor]] = None,
+                    damping: Optional[float] = None, damping_mode: Optional[str] = None,
+                    query_rank: Optional[int] = None, preconditioned: Optional[Dict[str, torch.Tensor]] = None,
                     shard: Shard = Shard(), split: str = "train") -> torch.Tensor:
     """Scores ``(Q, N)`` of every query against every training example (float32, or float64 for float64 models).
 
@@ -72,6 +87,10 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
             ``checkpoint_every`` groups and ``checkpoint_seconds`` seconds; SIGINT / SIGTERM stop the pass at the
             end of the current group, after saving.
         int8_queries: quantise the preconditioned query gradients to int8 (per query and layer affine).
+        query_rank: replace each layer's preconditioned query gradients by their best rank-k approximations
+            (truncated SVD) and score from the projections of each example's a and g on their singular vectors
+            (``kfac_kernels.lowrank_pairwise_scores``): Q k (d_out + d_in') numbers per layer instead of
+            Q d_out d_in'. bench/RESULTS.md says what it costs in accuracy.
         damping, damping_mode: lambda (absolute) or rho (relative: lambda = rho * mean(Lambda) per layer);
             None: the curvature's ``default_damping``.
         preconditioned: precomputed ``preconditioned_query_gradients`` (skips the query pass; damping was
@@ -80,6 +99,9 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if query_rank is not None and (int(query_rank) < 1 or int8_queries):
+        raise ValueError("query_rank must be >= 1, and cannot be combined with int8_queries"
+                         if int8_queries else f"query_rank must be >= 1, got {query_rank}")
     draws_per_forward = check_draws_per_forward(draws_per_forward)
     modules = curvature.check_model(model, check_values=check_values)
     damp = curvature.resolve_damping(damping, damping_mode)
@@ -112,7 +134,8 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                     "curvature": curvature.values_fingerprint(),
                     "damping": None if preconditioned is not None else damp.to_dict(),
                     "queries": queries_id, "train": data_fingerprint(train), "task": task_fingerprint(task),
-                    "model_mode": model_mode, "int8_queries": bool(int8_queries), "split": split,
+                    "model_mode": model_mode, "int8_queries": bool(int8_queries), "query_rank": query_rank,
+                    "split": split,
                     "shard": [shard.rank, shard.world_size], "groups": [train_groups.start, train_groups.stop],
                     "query_rows": [q_rows.start, q_rows.stop]}
     ckpt = Checkpoint(shard.checkpoint_dir(checkpoint_dir), STATE_FILE, identity, every=checkpoint_every,
@@ -127,13 +150,16 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
 
     if preconditioned is not None:
         pre = {k: v[q_rows.start:q_rows.stop] for k, v in preconditioned.items()}
+        if query_rank is not None:
+            pre = {k: kk.lowrank_queries(v, query_rank) for k, v in pre.items()}
     elif progress_at["next_group"] >= train_groups.stop:  # a finished checkpoint: no query pass needed
         pre = {}
     else:
         pre = preconditioned_query_gradients(model, task, curvature, queries, draws_per_forward=draws_per_forward,
                                              progress=progress and shard.rank == 0, model_mode=model_mode,
-                                             check_values=False, damping=damp, groups=query_groups)
-    pre = {k: (kk.quantize_int8(v) if int8_queries else v.to(device=device, dtype=mdtype)) for k, v in pre.items()}
+                                             check_values=False, damping=damp, query_rank=query_rank,
+                                             groups=query_groups)
+    pre = {k: _held_queries(v, int8_queries, device, mdtype) for k, v in pre.items()}
 
     def after_group(next_group: int) -> None:
         progress_at["next_group"] = next_group
@@ -153,7 +179,8 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
 
             def on_layer(name, calls):  # during the backward pass, as the layer's output gradient appears
                 a, gr = calls_as_rows(specs[name], calls, patches=True)
-                part.add_(finite_layer_sum(name, kk.pairwise_scores(
+                contract = kk.lowrank_pairwise_scores if query_rank is not None else kk.pairwise_scores
+                part.add_(finite_layer_sum(name, contract(
                     a, gr, pre[name], append_one=specs[name].has_bias), calls).to(acc))
             chunk.backward(task.train_loss(chunk.outputs, chunk.draws), on_layer)
             scores.index_add_(1, chunk.draws.example.to(device), part)
