@@ -148,3 +148,38 @@ def test_low_rank_query_scores_equal_scores_of_the_rank_k_matrices():
                                rtol=1e-9, atol=1e-9 * float(full.abs().max()))
     with pytest.raises(ValueError, match="int8"):
         pairwise_scores(unet, task, curv, x[:3], x, query_rank=2, int8_queries=True, **run)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_precision_rounds_the_operands_and_accumulates_in_float32(precision):
+    """K-FAC factors of a Linear layer at reduced precision equal the float64 Gram matrices of the rounded layer
+    inputs and output gradients (the definition of "operands in bf16, sums in >= float32"), and scores from
+    rounded operands stay close to float32 scores."""
+    torch.manual_seed(0)
+    low = {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    X, Y = torch.randn(40, 6), torch.randn(40, 4)
+    task = RegressionTask()
+    cfg = CurvatureConfig(method="kfac", fisher="empirical", precision=precision)
+    curv = fit_curvature(model, task, (X, Y), cfg, draws_per_forward=16, progress=False)
+    # the definition for the first layer: inputs X rounded, output gradients from autograd rounded
+    a = torch.cat([X.to(low).double(), torch.ones(40, 1, dtype=F64)], 1)
+    torch.testing.assert_close(curv.A("0"), (a.T @ a / 40).float(), rtol=1e-6, atol=1e-7)
+    out0 = model[0](X)
+    f = model[2](model[1](out0))
+    g = torch.autograd.grad(f, out0, (2.0 / 4) * (f - Y).detach())[0]
+    gr = g.to(low).double()
+    torch.testing.assert_close(curv.G("0"), (gr.T @ gr / 40).float(), rtol=1e-5, atol=1e-9)
+    full = fit_curvature(model, task, (X, Y), CurvatureConfig(method="kfac", fisher="empirical"),
+                         draws_per_forward=16, progress=False)
+    assert not torch.equal(curv.A("0"), full.A("0"))  # the rounding is really there
+    S = pairwise_scores(model, task, full, (X[:4], Y[:4]), (X, Y), progress=False, damping=1e-3)
+    S_low = pairwise_scores(model, task, full, (X[:4], Y[:4]), (X, Y), progress=False, damping=1e-3,
+                            precision=precision)
+    assert S_low.dtype == torch.float32
+    rel = float((S_low - S).norm() / S.norm())
+    assert 0 < rel < 2e-2, rel
+    with pytest.raises(ValueError, match="precision"):
+        CurvatureConfig(precision="int4")
+    with pytest.raises(ValueError, match="precision"):
+        pairwise_scores(model, task, full, (X[:4], Y[:4]), (X, Y), progress=False, precision="float8")

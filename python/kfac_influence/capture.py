@@ -245,6 +245,13 @@ def calls_as_rows(spec: LayerSpec, calls: List[Tuple[torch.Tensor, torch.Tensor]
             joined_rows([grads_as_rows(spec, gr) for _, gr in calls]))
 
 
+def rounded_calls(calls: List[Tuple[torch.Tensor, torch.Tensor]],
+                  dtype: Optional[torch.dtype]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """A layer's (input, grad_output) calls with both rounded to ``dtype`` (None: unchanged): the operands of a
+    reduced-precision pass."""
+    return calls if dtype is None else [(x.to(dtype), g.to(dtype)) for x, g in calls]
+
+
 def joined_rows(rows: List[torch.Tensor]) -> torch.Tensor:
     """The rows ``(n, R_i, d)`` of a layer's calls as one ``(n, sum R_i, d)`` (no copy for a single call)."""
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)

@@ -10,6 +10,7 @@ METHODS = ("ekfac", "kfac")
 APPROXES = ("expand", "reduce")
 FISHERS = ("mc", "empirical", "type2")
 LEGACY_DAMPING_KEYS = ("damping", "damping_mode")
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -24,6 +25,11 @@ class CurvatureConfig:
     dtype: dtype of the stored factors and of preconditioning (sums are accumulated and eigendecomposed in float64).
     modules / exclude: fnmatch patterns of layer names to track (None: every Linear and Conv2d).
     seed: seeds the curvature draws (t, eps, MC vectors).
+    precision: "float32" (the model's dtype throughout), "bfloat16" or "float16": the streamed operands of the fit
+        (layer inputs, output gradients, the eigenbases they are rotated by) are rounded to it before each op;
+        products accumulate in float32 (Triton kernels; the torch path computes in float32 after rounding) into
+        float64 sums, and eigendecompositions run in float64. ``pairwise_scores(precision=)`` does the same for
+        scoring.
     """
     method: str = "ekfac"
     approx: str = "expand"
@@ -33,10 +39,12 @@ class CurvatureConfig:
     modules: Optional[Tuple[str, ...]] = None
     exclude: Tuple[str, ...] = ()
     seed: int = 0
+    precision: str = "float32"
 
     def __post_init__(self):
         for field, value, allowed in (("method", self.method, METHODS), ("approx", self.approx, APPROXES),
-                                      ("fisher", self.fisher, FISHERS)):
+                                      ("fisher", self.fisher, FISHERS), ("precision", self.precision,
+                                                                         tuple(PRECISIONS))):
             if value not in allowed:
                 raise ValueError(f"CurvatureConfig.{field} must be one of {allowed}, got {value!r}")
         if isinstance(self.dtype, str):
@@ -52,6 +60,11 @@ class CurvatureConfig:
         if self.modules is not None:
             object.__setattr__(self, "modules", tuple(self.modules))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def streamed_dtype(self) -> Optional[torch.dtype]:
+        """The dtype operands are rounded to before each op, or None (float32: kept in the model's dtype)."""
+        return None if self.precision == "float32" else PRECISIONS[self.precision]
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import kfac_kernels as kk
 
 from ..capture import (LayerCapture, LayerSpec, calls_as_rows, grads_as_rows, inputs_as_rows, joined_rows,
-                       layer_spec, select_layers)
+                       layer_spec, rounded_calls, select_layers)
 from ..data_iter import num_examples
 from ..engine import (Checkpoint, Shard, check_draws_per_forward, draw_pass, finite_layer_sum, model_device_dtype,
                       total_groups)
@@ -291,6 +291,7 @@ def _fit_layers(modules: Dict[str, nn.Module], ckpt: Checkpoint, *, model, task,
     """Both passes and the eigendecompositions for the layers ``modules``; ``{layer: {factor: CPU tensor}}``."""
     capture = LayerCapture(modules)
     specs = capture.specs
+    low = config.streamed_dtype
     loaded = ckpt.load()
     state = _FitState.restore(loaded, specs, device) if loaded else _FitState(specs, device, groups.start)
 
@@ -309,11 +310,11 @@ def _fit_layers(modules: Dict[str, nn.Module], ckpt: Checkpoint, *, model, task,
     with ckpt.deferring_signals():
         if state.stage == "factors":
             def add_g(name, calls):
-                cov = output_covariance(specs[name], calls, config.approx)
+                cov = output_covariance(specs[name], rounded_calls(calls, low), config.approx)
                 state.sums[f"{name}::G"] += finite_layer_sum(name, cov, calls)
             for chunk in chunks("factors"):
                 for name, calls in capture.records.items():
-                    xs = [x for x, _, _ in calls]
+                    xs = [x if low is None else x.to(low) for x, _, _ in calls]
                     cov, count = input_covariance(specs[name], xs, config.approx)
                     state.sums[f"{name}::A"] += finite_layer_sum(name, cov, [(x, None) for x in xs])
                     state.counts[f"{name}::A"] += int(count)
@@ -329,9 +330,11 @@ def _fit_layers(modules: Dict[str, nn.Module], ckpt: Checkpoint, *, model, task,
         if state.stage == "eigen":
             bases = {nm: tuple(res.get(f"{nm}::{q}_pass", res[f"{nm}::{q}"]) for q in ("QA", "QG"))
                      for nm in specs}
+            if low is not None:
+                bases = {nm: (qa.to(low), qg.to(low)) for nm, (qa, qg) in bases.items()}
 
             def add_lambda(name, calls):
-                a, g = calls_as_rows(specs[name], calls, patches=True)
+                a, g = calls_as_rows(specs[name], rounded_calls(calls, low), patches=True)
                 qa, qg = bases[name]
                 state.sums[f"{name}::Lambda"] += finite_layer_sum(name, kk.eigenvalue_correction(
                     a, g, qa, qg, append_one=specs[name].has_bias), calls)

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 import kfac_kernels as kk
 
-from ..capture import LayerCapture, calls_as_rows
+from ..capture import LayerCapture, calls_as_rows, rounded_calls
+from ..curvature.config import PRECISIONS
 from ..curvature.curvature import Curvature
 from ..data_iter import num_examples
 from ..engine import (Checkpoint, Shard, check_draws_per_forward, draw_pass, examples_of_groups, finite_layer_sum,
@@ -75,7 +76,8 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                     checkpoint_dir: Optional[os.PathLike] = None, checkpoint_every: Optional[int] = None,
                     checkpoint_seconds: float = 60.0, check_values: bool = True, int8_queries: bool = False,
                     damping: Optional[float] = None, damping_mode: Optional[str] = None,
-                    query_rank: Optional[int] = None, preconditioned: Optional[Dict[str, torch.Tensor]] = None,
+                    query_rank: Optional[int] = None, precision: str = "float32",
+                    preconditioned: Optional[Dict[str, torch.Tensor]] = None,
                     shard: Shard = Shard(), split: str = "train") -> torch.Tensor:
     """Scores ``(Q, N)`` of every query against every training example (float32, or float64 for float64 models).
 
@@ -91,6 +93,9 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
             (truncated SVD) and score from the projections of each example's a and g on their singular vectors
             (``kfac_kernels.lowrank_pairwise_scores``): Q k (d_out + d_in') numbers per layer instead of
             Q d_out d_in'. bench/RESULTS.md says what it costs in accuracy.
+        precision: "float32" (the model's dtype), "bfloat16" or "float16": the train pass's operands (layer
+            inputs, output gradients) and the held query gradients are rounded to it; products accumulate in
+            float32 (see ``CurvatureConfig.precision``).
         damping, damping_mode: lambda (absolute) or rho (relative: lambda = rho * mean(Lambda) per layer);
             None: the curvature's ``default_damping``.
         preconditioned: precomputed ``preconditioned_query_gradients`` (skips the query pass; damping was
@@ -99,6 +104,9 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    low = None if precision == "float32" else PRECISIONS[precision]
     if query_rank is not None and (int(query_rank) < 1 or int8_queries):
         raise ValueError("query_rank must be >= 1, and cannot be combined with int8_queries"
                          if int8_queries else f"query_rank must be >= 1, got {query_rank}")
@@ -135,6 +143,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                     "damping": None if preconditioned is not None else damp.to_dict(),
                     "queries": queries_id, "train": data_fingerprint(train), "task": task_fingerprint(task),
                     "model_mode": model_mode, "int8_queries": bool(int8_queries), "query_rank": query_rank,
+                    "precision": precision,
                     "split": split,
                     "shard": [shard.rank, shard.world_size], "groups": [train_groups.start, train_groups.stop],
                     "query_rows": [q_rows.start, q_rows.stop]}
@@ -159,7 +168,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                                              progress=progress and shard.rank == 0, model_mode=model_mode,
                                              check_values=False, damping=damp, query_rank=query_rank,
                                              groups=query_groups)
-    pre = {k: _held_queries(v, int8_queries, device, mdtype) for k, v in pre.items()}
+    pre = {k: _held_queries(v, int8_queries, device, low or mdtype) for k, v in pre.items()}
 
     def after_group(next_group: int) -> None:
         progress_at["next_group"] = next_group
@@ -178,7 +187,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
             part = torch.zeros(nq, len(chunk.draws), dtype=acc, device=device)
 
             def on_layer(name, calls):  # during the backward pass, as the layer's output gradient appears
-                a, gr = calls_as_rows(specs[name], calls, patches=True)
+                a, gr = calls_as_rows(specs[name], rounded_calls(calls, low), patches=True)
                 contract = kk.lowrank_pairwise_scores if query_rank is not None else kk.pairwise_scores
                 part.add_(finite_layer_sum(name, contract(
                     a, gr, pre[name], append_one=specs[name].has_bias), calls).to(acc))
