@@ -6,7 +6,7 @@ With ``append_one`` the homogeneous bias coordinate is the LAST row/column.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -201,31 +201,42 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._triton_common import any_float64, cdiv, fp32_precision, kernel_dtype, num_programs_target, split_count
+    from ._triton_common import (LOW_PRECISION, Target, any_float64, cdiv, device_target, fp32_precision,
+                                 kernel_dtype, launch, num_programs_target, pick, split_count)
 
     @triton.jit
-    def _load_rows(x_ptr, rows, cols, row_mask, D, s0, s1, C, H, W, OW, R, sB, sC, sH, sW,
-                   KH: tl.constexpr, KW: tl.constexpr, SH, SW, PH, PW, DH, DW,
+    def _col_offsets(cols, D, s1, sC, sH, sW, KH: tl.constexpr, KW: tl.constexpr, DH, DW, IS_CONV: tl.constexpr):
+        """Per-column parts of a row-matrix address, computed once per program (hoisted out of the row loop): the
+        offset, and for conv patches the tap's row / column displacement (c, ki, kj in ``F.unfold`` order)."""
+        if IS_CONV:
+            c = cols // (KH * KW)
+            kk = cols % (KH * KW)
+            dih = (kk // KW) * DH
+            diw = (kk % KW) * DW
+            return c * sC + dih * sH + diw * sW, dih, diw
+        return cols * s1, cols * 0, cols * 0
+
+    @triton.jit
+    def _load_rows(x_ptr, rows, row_ok, cols, col_off, dih, diw, D, s0, H, W, OW, R, sB, sH, sW, SH, SW, PH, PW,
                    IS_CONV: tl.constexpr, APPEND_ONE: tl.constexpr):
-        """Tile ``X[rows, cols]`` (rows, cols broadcastable index tensors) of the row matrix: a dense (M, D) matrix,
-        or the patches of an NCHW tensor (row = b * R + output pixel, col = (c, ki, kj) in ``F.unfold`` order).
-        Column D is the homogeneous 1 when APPEND_ONE; padding and out-of-range entries are 0."""
-        col_ok = cols < D
+        """Tile ``X[rows, cols]`` (``rows``: 1-D, ``cols``: 1-D with their hoisted ``_col_offsets``) of the row
+        matrix: a dense (M, D) matrix, or the patches of an NCHW tensor (row = b * R + output pixel). Column D is
+        the homogeneous 1 when APPEND_ONE; padding and out-of-range entries are 0."""
+        mask = row_ok[:, None] & (cols < D)[None, :]
         if IS_CONV:
             b = rows // R
             r = rows % R
-            oh = r // OW
-            ow = r % OW
-            c = cols // (KH * KW)
-            kk = cols % (KH * KW)
-            ih = oh * SH - PH + (kk // KW) * DH
-            iw = ow * SW - PW + (kk % KW) * DW
-            mask = row_mask & col_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            val = tl.load(x_ptr + b * sB + c * sC + ih * sH + iw * sW, mask=mask, other=0.0)
+            ih0 = (r // OW) * SH - PH
+            iw0 = (r % OW) * SW - PW
+            ih = ih0[:, None] + dih[None, :]
+            iw = iw0[:, None] + diw[None, :]
+            mask = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ptr = x_ptr + (b * sB + ih0 * sH + iw0 * sW)[:, None] + col_off[None, :]
         else:
-            val = tl.load(x_ptr + rows * s0 + cols * s1, mask=row_mask & col_ok, other=0.0)
+            ptr = x_ptr + (rows * s0)[:, None] + col_off[None, :]
+        val = tl.load(ptr, mask=mask, other=0.0)
         if APPEND_ONE:
-            val = tl.where(row_mask & (cols == D), 1.0, val)
+            val = tl.where(row_ok[:, None] & (cols == D)[None, :], 1.0, val)
         return val.to(x_ptr.dtype.element_ty)
 
     @triton.jit
@@ -240,16 +251,18 @@ if HAS_TRITON:
         tj = tl.load(pairs_ptr + 2 * pid + 1)
         ci = ti * BLOCK_D + tl.arange(0, BLOCK_D)
         cj = tj * BLOCK_D + tl.arange(0, BLOCK_D)
+        off_i, dih_i, diw_i = _col_offsets(ci, D, s1, sC, sH, sW, KH, KW, DH, DW, IS_CONV)
+        off_j, dih_j, diw_j = _col_offsets(cj, D, s1, sC, sH, sW, KH, KW, DH, DW, IS_CONV)
         m_lo = tl.program_id(1) * rows_per_split
         m_hi = tl.minimum(M, m_lo + rows_per_split)
         acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         for m0 in range(m_lo, m_hi, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
-            rmask = (rm < m_hi)[:, None]
-            xi = _load_rows(x_ptr, rm[:, None], ci[None, :], rmask, D, s0, s1, C, H, W, OW, R, sB, sC, sH, sW,
-                            KH, KW, SH, SW, PH, PW, DH, DW, IS_CONV, APPEND_ONE)
-            xj = _load_rows(x_ptr, rm[:, None], cj[None, :], rmask, D, s0, s1, C, H, W, OW, R, sB, sC, sH, sW,
-                            KH, KW, SH, SW, PH, PW, DH, DW, IS_CONV, APPEND_ONE)
+            rok = rm < m_hi
+            xi = _load_rows(x_ptr, rm, rok, ci, off_i, dih_i, diw_i, D, s0, H, W, OW, R, sB, sH, sW, SH, SW, PH, PW,
+                            IS_CONV, APPEND_ONE)
+            xj = _load_rows(x_ptr, rm, rok, cj, off_j, dih_j, diw_j, D, s0, H, W, OW, R, sB, sH, sW, SH, SW, PH, PW,
+                            IS_CONV, APPEND_ONE)
             acc = tl.dot(tl.trans(xi), xj, acc, input_precision=PRECISION)
         mask = (ci[:, None] < DP) & (cj[None, :] < DP)
         p = out_ptr + ci[:, None] * DP + cj[None, :]
@@ -270,38 +283,73 @@ if HAS_TRITON:
         """out[b, :D] = mean over output pixels r of the patch of example b (K-FAC reduce), float32."""
         b = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        off, dih, diw = _col_offsets(cols, D, s1, sC, sH, sW, KH, KW, DH, DW, True)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
-            rows = b * R + rr
-            tile = _load_rows(x_ptr, rows[:, None], cols[None, :], (rr < R)[:, None], D, s0, s1, C, H, W, OW, R,
-                              sB, sC, sH, sW, KH, KW, SH, SW, PH, PW, DH, DW, True, False)
+            tile = _load_rows(x_ptr, b * R + rr, rr < R, cols, off, dih, diw, D, s0, H, W, OW, R, sB, sH, sW,
+                              SH, SW, PH, PW, True, False)
             acc += tl.sum(tile.to(tl.float32), axis=0)
         tl.store(out_ptr + b * D + cols, acc / R, mask=cols < D)
 
-    def _gram_blocks(dp: int, device: torch.device):
-        if device.type != "cuda":
-            return 16, 16, 4
-        return (128, 32, 8) if dp >= 512 else (64, 32, 4)
+    class GramConfig(NamedTuple):
+        block_d: int
+        block_m: int
+        warps: int
+        stages: int
+
+    def _gram_smem(c: GramConfig, elem: int) -> int:
+        """Shared memory of the pipelined operand tiles (Triton allocated stages + 1 buffers for float32 operands
+        in bench/compile_check.py) or of the epilogue's layout change of the accumulator, whichever is larger: an
+        upper estimate, checked by bench/compile_check.py."""
+        return max((c.stages + 1) * 2 * c.block_m * c.block_d * elem, c.block_d * c.block_d * 4)
+
+    def _gram_split(dp: int, m: int, c: GramConfig, target: Optional[Target]) -> int:
+        n_pairs = cdiv(dp, c.block_d) * (cdiv(dp, c.block_d) + 1) // 2
+        return split_count(n_pairs, num_programs_target(target), max(1, cdiv(m, 4 * c.block_m)))
+
+    def gram_plan(dp: int, m: int, dtype: torch.dtype, target: Optional[Target],
+                  split: Optional[int] = None) -> Tuple[GramConfig, int]:
+        """``_gram_kernel``'s configuration and row split for a (DP, DP) result over ``m`` rows of ``dtype`` on
+        ``target`` (None: the interpreter). 128-wide tiles only for half operands, wide results (>= 512) and no
+        split: with atomics (a split) their epilogue spilled 1.5-2.9 KB on every target, and float32 128-wide
+        tiles need 128 KB of shared memory (over sm_86 / sm_89's 99 KB). Float32 tiles take 8 warps and 2 stages
+        (tf32x3 doubles the operand registers; 4 warps or 3 stages spilled)."""
+        if target is None:
+            c = GramConfig(16, 16, 4, 1)
+            return c, split or _gram_split(dp, m, c, target)
+        elem = torch.tensor([], dtype=dtype).element_size()
+        if dtype in LOW_PRECISION:
+            wide = GramConfig(128, 32, 8, 3)
+            if (dp >= 512 and (split or _gram_split(dp, m, wide, target)) == 1
+                    and _gram_smem(wide, elem) <= target.smem):
+                return wide, 1
+            cands = [GramConfig(64, 32, 4, 3), GramConfig(64, 32, 4, 2)]
+        else:
+            cands = [GramConfig(64, 32, 8, 2), GramConfig(32, 32, 4, 2)]
+        c = pick(cands, target, lambda c: _gram_smem(c, elem))
+        return c, split or _gram_split(dp, m, c, target)
 
     def _launch_gram(x: torch.Tensor, m: int, d: int, append_one: bool, conv_args, split: Optional[int]):
         dp = d + int(append_one)
-        block_d, block_m, warps = _gram_blocks(dp, x.device)
+        (block_d, block_m, warps, stages), split = gram_plan(dp, m, x.dtype, device_target(x.device), split)
         nt = cdiv(dp, block_d)
         pairs = torch.tensor([(i, j) for i in range(nt) for j in range(i, nt)], dtype=torch.int32, device=x.device)
         n_pairs = pairs.shape[0]
-        if split is None:
-            split = split_count(n_pairs, num_programs_target(x.device), max(1, cdiv(m, 4 * block_m)))
         rows_per_split = cdiv(cdiv(m, split), block_m) * block_m
         split = cdiv(m, rows_per_split) if m else 1
         buf = (torch.zeros if split > 1 else torch.empty)((dp, dp), dtype=torch.float32, device=x.device)
         if m == 0:
             return buf.zero_()
-        _gram_kernel[(n_pairs, split)](
-            x, buf, pairs, m, d, dp, rows_per_split, *conv_args,
-            IS_CONV=x.dim() == 4, APPEND_ONE=append_one, ATOMIC=split > 1, BLOCK_D=block_d, BLOCK_M=block_m,
-            PRECISION=fp32_precision(), num_warps=warps, num_stages=3 if x.device.type == "cuda" else 1)
+        launch(_gram_kernel, (n_pairs, split),
+               x, buf, pairs, m, d, dp, rows_per_split, *conv_args,
+               IS_CONV=x.dim() == 4, APPEND_ONE=append_one, ATOMIC=split > 1, BLOCK_D=block_d, BLOCK_M=block_m,
+               PRECISION=fp32_precision(), num_warps=warps, num_stages=stages)
         return buf
+
+    def patch_mean_config(target: Optional[Target]):
+        """(BLOCK_D, BLOCK_R, warps) of ``_patch_mean_kernel`` (no shared memory, no dot)."""
+        return (16, 16, 4) if target is None else (64, 32, 4)
 
     def _dense_args(a: torch.Tensor):
         return (a.stride(0), a.stride(1)) + (1,) * 9 + (1, 1, 1, 1, 0, 0, 1, 1)
@@ -345,9 +393,9 @@ if HAS_TRITON:
             buf = _launch_gram(xk, x.shape[0] * r, d, append_one, args, split)
             return accumulate(out, buf)
         means = torch.empty(x.shape[0], d, dtype=torch.float32, device=x.device)
-        block_d = 64 if x.device.type == "cuda" else 16
+        block_d, block_r, warps = patch_mean_config(device_target(x.device))
         if x.shape[0]:
-            _patch_mean_kernel[(x.shape[0], cdiv(d, block_d))](
-                xk, means, d, *args, BLOCK_D=block_d, BLOCK_R=32 if x.device.type == "cuda" else 16)
+            launch(_patch_mean_kernel, (x.shape[0], cdiv(d, block_d)),
+                   xk, means, d, *args, BLOCK_D=block_d, BLOCK_R=block_r, num_warps=warps)
         buf = _launch_gram(means, x.shape[0], d, append_one, _dense_args(means), split)
         return accumulate(out, buf)

@@ -121,7 +121,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._triton_common import any_float64, cdiv, fp32_precision, kernel_dtype, num_programs_target, split_count
+    from ._triton_common import (LOW_PRECISION, Target, any_float64, cdiv, device_target, fp32_precision,
+                                 kernel_dtype, launch, num_programs_target, pick, split_count)
 
     @triton.jit
     def _ekfac_tile_kernel(g_ptr, a_ptr, out_ptr, inv_ptr, score_ptr, B, R, DO, DI, b_per_split, n_ti,
@@ -166,9 +167,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _square_gemm_kernel(g_ptr, a_ptr, out_ptr, B, DO, DI, b_per_split, n_ti, sgb, sgo, sab, sai,
-                            ATOMIC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                            ATOMIC: tl.constexpr, LOW: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                             BLOCK_B: tl.constexpr, PRECISION: tl.constexpr):
-        """R = 1: out (DO, DI) [+]= (g_rot**2)^T (a_rot**2) over examples [b_lo, b_hi); squares in float32."""
+        """R = 1: out (DO, DI) [+]= (g_rot**2)^T (a_rot**2) over examples [b_lo, b_hi). The squares are taken in
+        float32; LOW: they are rounded to the operands' half dtype and multiplied in it (float32 accumulation),
+        as the same-dtype torch composition does; else they are multiplied in float32."""
         t = tl.program_id(0)
         oo = (t // n_ti) * BLOCK_O + tl.arange(0, BLOCK_O)
         ii = (t % n_ti) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -182,7 +185,10 @@ if HAS_TRITON:
                          other=0.0).to(tl.float32)
             at = tl.load(a_ptr + bb[:, None] * sab + ii[None, :] * sai, mask=bmask[:, None] & (ii < DI)[None, :],
                          other=0.0).to(tl.float32)
-            acc = tl.dot(gt * gt, at * at, acc, input_precision=PRECISION)
+            if LOW:
+                acc = tl.dot((gt * gt).to(g_ptr.dtype.element_ty), (at * at).to(a_ptr.dtype.element_ty), acc)
+            else:
+                acc = tl.dot(gt * gt, at * at, acc, input_precision=PRECISION)
         p = out_ptr + oo[:, None] * DI + ii[None, :]
         mask = (oo < DO)[:, None] & (ii < DI)[None, :]
         if ATOMIC:  # example slices meet here; races are checked by bench/gpu_check.sh, not the interpreter
@@ -203,50 +209,63 @@ if HAS_TRITON:
         g_rot = g.reshape(b * r, -1).to(dt) @ qg
         return a_rot.view(b, r, -1), g_rot.view(b, r, -1)
 
-    def _tile_blocks(device):
-        if device.type != "cuda":
-            return 16, 16, 16, 4
-        return 64, 64, 32, 4
+    def tile_config(dtype: torch.dtype, target: Optional[Target]):
+        """(BLOCK_O, BLOCK_I, BLOCK_R, warps, stages) of ``_ekfac_tile_kernel``."""
+        if target is None:
+            return (16, 16, 16, 4, 1)
+        elem = torch.tensor([], dtype=dtype).element_size()
+        w = 4 if dtype in LOW_PRECISION else 8
+        cands = [(64, 64, 32, w, 3), (64, 64, 32, w, 2)]
+        return pick(cands, target, lambda c: c[4] * (c[0] + c[1]) * c[2] * elem)
 
     def _launch_tiles(a_rot, g_rot, inv=None, split=None):
         b, r, d_in = a_rot.shape
         d_out = g_rot.shape[-1]
-        bo, bi, br, warps = _tile_blocks(a_rot.device)
+        target = device_target(a_rot.device)
+        bo, bi, br, warps, stages = tile_config(a_rot.dtype, target)
         n_ti = cdiv(d_in, bi)
         n_tiles = cdiv(d_out, bo) * n_ti
         self_scores = inv is not None
         if self_scores:
-            split = split or split_count(n_tiles, num_programs_target(a_rot.device), max(1, b))
+            split = split or split_count(n_tiles, num_programs_target(target), max(1, b))
         elif split is None:
-            split = split_count(n_tiles, num_programs_target(a_rot.device), max(1, b // 4))
+            split = split_count(n_tiles, num_programs_target(target), max(1, b // 4))
         b_per = cdiv(b, split)
         split = max(1, cdiv(b, b_per))
         out = torch.zeros((b,) if self_scores else (d_out, d_in), dtype=torch.float32, device=a_rot.device)
         if b == 0:
             return out
-        _ekfac_tile_kernel[(n_tiles, split)](
-            g_rot, a_rot, out, inv if self_scores else out, out, b, r, d_out, d_in, b_per, n_ti,
-            *g_rot.stride(), *a_rot.stride(), SELF_SCORES=self_scores, ATOMIC=split > 1, BLOCK_O=bo, BLOCK_I=bi,
-            BLOCK_R=br, PRECISION=fp32_precision(), num_warps=warps, num_stages=3 if a_rot.is_cuda else 1)
+        launch(_ekfac_tile_kernel, (n_tiles, split),
+               g_rot, a_rot, out, inv if self_scores else out, out, b, r, d_out, d_in, b_per, n_ti,
+               *g_rot.stride(), *a_rot.stride(), SELF_SCORES=self_scores, ATOMIC=split > 1, BLOCK_O=bo, BLOCK_I=bi,
+               BLOCK_R=br, PRECISION=fp32_precision(), num_warps=warps, num_stages=stages)
         return out
+
+    def square_gemm_config(dtype: torch.dtype, target: Optional[Target]):
+        """(BLOCK_O, BLOCK_I, BLOCK_B, warps, stages) of ``_square_gemm_kernel``."""
+        if target is None:
+            return (16, 16, 16, 4, 1)
+        elem = torch.tensor([], dtype=dtype).element_size()
+        cands = [(64, 64, 32, 4, 3), (64, 64, 32, 4, 2)]
+        return pick(cands, target, lambda c: c[4] * (c[0] + c[1]) * c[2] * elem)
 
     def _launch_square_gemm(a_rot, g_rot, split=None):
         b, d_in = a_rot.shape
         d_out = g_rot.shape[-1]
-        cuda = a_rot.device.type == "cuda"
-        bo, bi, bb, warps = (64, 64, 32, 4) if cuda else (16, 16, 16, 4)
+        target = device_target(a_rot.device)
+        bo, bi, bb, warps, stages = square_gemm_config(a_rot.dtype, target)
         n_ti = cdiv(d_in, bi)
         n_tiles = cdiv(d_out, bo) * n_ti
         if split is None:
-            split = split_count(n_tiles, num_programs_target(a_rot.device), max(1, cdiv(b, 4 * bb)))
+            split = split_count(n_tiles, num_programs_target(target), max(1, cdiv(b, 4 * bb)))
         b_per = cdiv(cdiv(b, split), bb) * bb
         split = max(1, cdiv(b, b_per))
         out = torch.zeros((d_out, d_in), dtype=torch.float32, device=a_rot.device)
         if b:
-            _square_gemm_kernel[(n_tiles, split)](
-                g_rot, a_rot, out, b, d_out, d_in, b_per, n_ti, *g_rot.stride(), *a_rot.stride(),
-                ATOMIC=split > 1, BLOCK_O=bo, BLOCK_I=bi, BLOCK_B=bb, PRECISION=fp32_precision(),
-                num_warps=warps, num_stages=3 if cuda else 1)
+            launch(_square_gemm_kernel, (n_tiles, split),
+                   g_rot, a_rot, out, b, d_out, d_in, b_per, n_ti, *g_rot.stride(), *a_rot.stride(),
+                   ATOMIC=split > 1, LOW=a_rot.dtype in LOW_PRECISION, BLOCK_O=bo, BLOCK_I=bi, BLOCK_B=bb,
+                   PRECISION=fp32_precision(), num_warps=warps, num_stages=stages)
         return out
 
     @register("eigenvalue_correction", "triton")

@@ -92,8 +92,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._triton_common import (LOW_PRECISION, any_float64, cdiv, fp32_precision, interpreting, kernel_dtype,
-                                 num_programs_target)
+    from ._triton_common import (LOW_PRECISION, Target, any_float64, cdiv, device_target, fp32_precision,
+                                 interpreting, kernel_dtype, launch, num_programs_target, pick)
 
     @triton.jit
     def _pairwise_kernel(a_ptr, g_ptr, p_ptr, scale_ptr, zero_ptr, s_ptr, B, R, DO, DI, DIP, NQ, SPLIT,
@@ -102,7 +102,9 @@ if HAS_TRITON:
                          BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_O: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                          PRECISION2: tl.constexpr):
-        """``s (NQ, B)`` float32 += scores of this program's examples, queries and (o, i) tiles (atomic)."""
+        """``s (NQ, B)`` float32 += scores of this program's examples, queries and (o, i) tiles (atomic).
+        The score product is taken as ``S^T`` block ``(BLOCK_Q, BLOCK_B) += P (BLOCK_Q, O*I) @ G^T (O*I, BLOCK_B)``:
+        BLOCK_Q (64) is the M side, so that on sm_90 it is a warpgroup MMA (M = 64 per warpgroup)."""
         bb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         qq = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         bmask = bb < B
@@ -116,48 +118,65 @@ if HAS_TRITON:
         if INT8:
             zero = tl.load(zero_ptr + qq, mask=qmask, other=0.0)
             scale = tl.load(scale_ptr + qq, mask=qmask, other=0.0)
-        acc = tl.zeros((BLOCK_B, BLOCK_Q), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_Q, BLOCK_B), dtype=tl.float32)
         for t in range(t_lo, t_hi):
             oo = (t // n_ti) * BLOCK_O + tl.arange(0, BLOCK_O)
             ii = (t % n_ti) * BLOCK_I + tl.arange(0, BLOCK_I)
             grad = tl.zeros((BLOCK_B, BLOCK_O, BLOCK_I), dtype=tl.float32)
+            g_base = g_ptr + bb[:, None, None] * sgb + oo[None, :, None] * sgo
+            a_base = a_ptr + bb[:, None, None] * sab + ii[None, None, :] * sai
+            gmask = bmask[:, None, None] & (oo < DO)[None, :, None]
+            amask = bmask[:, None, None] & (ii < DI)[None, None, :]
             for r0 in range(0, R, BLOCK_R):
                 rr = r0 + tl.arange(0, BLOCK_R)
-                br = bmask[:, None, None] & (rr < R)[None, None, :]
-                gt = tl.load(g_ptr + bb[:, None, None] * sgb + oo[None, :, None] * sgo + rr[None, None, :] * sgr,
-                             mask=br & (oo < DO)[None, :, None], other=0.0)
-                ar = bmask[:, None, None] & (rr < R)[None, :, None]
-                at = tl.load(a_ptr + bb[:, None, None] * sab + rr[None, :, None] * sar + ii[None, None, :] * sai,
-                             mask=ar & (ii < DI)[None, None, :], other=0.0)
+                gt = tl.load(g_base + rr[None, None, :] * sgr, mask=gmask & (rr < R)[None, None, :], other=0.0)
+                ar = amask & (rr < R)[None, :, None]
+                at = tl.load(a_base + rr[None, :, None] * sar, mask=ar, other=0.0)
                 if APPEND_ONE:
-                    at = tl.where(ar & (ii == DI)[None, None, :], 1.0, at).to(a_ptr.dtype.element_ty)
+                    at = tl.where(bmask[:, None, None] & (rr < R)[None, :, None] & (ii == DI)[None, None, :], 1.0,
+                                  at).to(a_ptr.dtype.element_ty)
                 grad = tl.dot(gt, at, grad, input_precision=PRECISION)
-            flat = tl.reshape(grad, (BLOCK_B, BLOCK_O * BLOCK_I))
+            flat_t = tl.trans(tl.reshape(grad, (BLOCK_B, BLOCK_O * BLOCK_I)))  # (O*I, BLOCK_B)
             ko = (t // n_ti) * BLOCK_O + kk // BLOCK_I
             ki = (t % n_ti) * BLOCK_I + kk % BLOCK_I
-            pmask = ((ko < DO) & (ki < DIP))[:, None] & qmask[None, :]
-            p = tl.load(p_ptr + qq[None, :] * spq + ko[:, None] * spo + ki[:, None] * spi, mask=pmask, other=0)
+            pmask = qmask[:, None] & ((ko < DO) & (ki < DIP))[None, :]
+            p = tl.load(p_ptr + qq[:, None] * spq + ko[None, :] * spo + ki[None, :] * spi, mask=pmask, other=0)
             if INT8:
-                p = tl.where(pmask, (p.to(tl.float32) - zero[None, :]) * scale[None, :], 0.0)
+                p = tl.where(pmask, (p.to(tl.float32) - zero[:, None]) * scale[:, None], 0.0)
             if DOT2_LOW:
-                acc = tl.dot(flat.to(p_ptr.dtype.element_ty), p, acc)
+                acc = tl.dot(p, flat_t.to(p_ptr.dtype.element_ty), acc)
             else:
-                acc = tl.dot(flat, p.to(tl.float32), acc, input_precision=PRECISION2)
+                acc = tl.dot(p.to(tl.float32), flat_t, acc, input_precision=PRECISION2)
         # Atomics: programs of other tile shares add into the same block; races cannot show in the interpreter
         # (it runs programs one at a time) and are covered by bench/gpu_check.sh, which repeats launches.
-        tl.atomic_add(s_ptr + qq[None, :] * ssq + bb[:, None] * ssb, acc, mask=bmask[:, None] & qmask[None, :])
+        tl.atomic_add(s_ptr + qq[:, None] * ssq + bb[None, :] * ssb, acc, mask=qmask[:, None] & bmask[None, :])
 
-    def _pairwise_configs(low: bool, cuda: bool):
-        """Candidate (BLOCK_B, BLOCK_Q, BLOCK_O, BLOCK_I, BLOCK_R, warps, stages), largest first; a launch that runs
-        out of shared memory falls back to the next. The per-program register tile is BLOCK_B * BLOCK_O * BLOCK_I
-        float32 values, so the gradient tile is kept at 8-16K elements."""
-        if not cuda:
-            return [(16, 16, 16, 16, 16, 4, 1)]
-        if low:
-            return [(16, 32, 32, 32, 16, 8, 2), (16, 32, 16, 32, 16, 4, 2), (16, 16, 16, 16, 16, 4, 1)]
-        return [(16, 32, 16, 32, 16, 4, 2), (16, 32, 16, 32, 16, 4, 1), (16, 16, 16, 16, 16, 4, 1)]
+    class PairwiseConfig(NamedTuple):
+        block_b: int
+        block_q: int
+        block_o: int
+        block_i: int
+        block_r: int
+        warps: int
+        stages: int
 
-    _CONFIG_CACHE = {}
+    def pairwise_config(dtype: torch.dtype, int8: bool, target: Optional[Target]) -> PairwiseConfig:
+        """``_pairwise_kernel``'s configuration for ``dtype`` (a, g) operands on ``target`` (None: interpreter).
+        The per-program gradient tile is BLOCK_B * BLOCK_O * BLOCK_I float32 values in registers and the query
+        tile BLOCK_Q * BLOCK_O * BLOCK_I (three times over for float32's tf32x3), so O * I is kept at 128
+        (bench/compile_check.py: 16 x 16 tiles spilled 0.1-1.8 KB in every dtype). sm_90: 64 queries (a warpgroup
+        MMA's M side) and 16 examples (its N: 8 fell back to mma.sync) over 8 warps, 162-255 registers without
+        spills. Before sm_90 (mma.sync): 32 queries and 8 examples, at most 189 registers (16 examples spilled
+        12-40 B in some variants)."""
+        if target is None:
+            return PairwiseConfig(16, 16, 16, 16, 16, 4, 1)
+        elem = torch.tensor([], dtype=dtype).element_size()
+        if target.capability >= 90:
+            cands = [PairwiseConfig(16, 64, 16, 8, 16, 8, 1)]
+        else:
+            cands = [PairwiseConfig(8, 32, 16, 8, 16, 8, 1)]
+        return pick(cands, target, lambda c: c.stages * c.block_b * (c.block_o + c.block_i) * c.block_r * elem
+                    + c.block_q * c.block_o * c.block_i * 4 + c.block_b * c.block_o * c.block_i * 4)
 
     @register("pairwise_scores", "triton")
     def pairwise_scores_triton(a: torch.Tensor, g: torch.Tensor, queries, *, append_one: bool = False,
@@ -177,30 +196,20 @@ if HAS_TRITON:
             p = queries if queries.dtype in LOW_PRECISION else queries.float()
             scale = zero = None
         dot2_low = (not int8) and p.dtype == dt and dt in LOW_PRECISION
-        cuda = a.device.type == "cuda"
         d_out, dip = g.shape[-1], a.shape[-1] + int(append_one)
         scores = torch.zeros(nq, b, dtype=torch.float32, device=a.device)
         if not (b and nq):
             return accumulate(out, scores)
+        target = device_target(a.device)
         prec = fp32_precision()
-        key = (dt, int8, dot2_low, cuda)
-        configs = _pairwise_configs(dt in LOW_PRECISION, cuda)
-        configs = configs[configs.index(_CONFIG_CACHE[key]):] if key in _CONFIG_CACHE else configs
-        for k, (bb, bq, bo, bi, br, warps, stages) in enumerate(configs):
-            blocks = cdiv(b, bb) * cdiv(nq, bq)
-            n_tiles = cdiv(d_out, bo) * cdiv(dip, bi)
-            nsplit = split or max(1, min(n_tiles, cdiv(num_programs_target(a.device), blocks)))
-            try:
-                _pairwise_kernel[(cdiv(b, bb), cdiv(nq, bq), nsplit)](
-                    a, g, p, scale if int8 else scores, zero if int8 else scores, scores, b, a.shape[1], d_out,
-                    a.shape[-1], dip, nq, nsplit, *a.stride(), *g.stride(), *p.stride(), *scores.stride(),
-                    APPEND_ONE=append_one, INT8=int8, DOT2_LOW=dot2_low, BLOCK_B=bb, BLOCK_Q=bq, BLOCK_O=bo,
-                    BLOCK_I=bi, BLOCK_R=br, PRECISION=prec,
-                    PRECISION2="tf32" if (int8 and not interpreting()) else prec, num_warps=warps, num_stages=stages)
-            except Exception as exc:  # noqa: BLE001 - Triton's OutOfResources moved between versions
-                if "OutOfResources" not in type(exc).__name__ or k + 1 == len(configs):
-                    raise
-                continue
-            _CONFIG_CACHE[key] = configs[k]
-            break
+        bb, bq, bo, bi, br, warps, stages = pairwise_config(dt, int8, target)
+        blocks = cdiv(b, bb) * cdiv(nq, bq)
+        n_tiles = cdiv(d_out, bo) * cdiv(dip, bi)
+        nsplit = split or max(1, min(n_tiles, cdiv(num_programs_target(target), blocks)))
+        launch(_pairwise_kernel, (cdiv(b, bb), cdiv(nq, bq), nsplit),
+               a, g, p, scale if int8 else scores, zero if int8 else scores, scores, b, a.shape[1], d_out,
+               a.shape[-1], dip, nq, nsplit, *a.stride(), *g.stride(), *p.stride(), *scores.stride(),
+               APPEND_ONE=append_one, INT8=int8, DOT2_LOW=dot2_low, BLOCK_B=bb, BLOCK_Q=bq, BLOCK_O=bo,
+               BLOCK_I=bi, BLOCK_R=br, PRECISION=prec,
+               PRECISION2="tf32" if (int8 and not interpreting()) else prec, num_warps=warps, num_stages=stages)
         return accumulate(out, scores)
