@@ -1,6 +1,6 @@
 """pytest-benchmark microbenchmarks of every op at representative layers of the digits-tiny and cifar-ddpm models.
 
-CPU: the torch reference (and the native extension where it is built). CUDA: every registered backend. Run with
+CPU: the torch reference. CUDA: every registered backend (torch and triton). Run with
 ``make bench`` or ``pytest bench --benchmark-only``; the GPU check (bench/gpu_check.sh) is the place for
 kernel-vs-composition speed-ups, memory and roofline.
 """
@@ -24,9 +24,7 @@ CPU_BATCH_CAP = 8  # examples per call on CPU: keeps the cifar layers to about a
 
 def _backends(op):
     have = dispatch.available(op)
-    if DEV == "cuda":
-        return [b for b in have if b != "native"]
-    return [b for b in ("torch", "native") if b in have]
+    return list(have) if DEV == "cuda" else [b for b in ("torch",) if b in have]
 
 
 def _sync():
@@ -76,7 +74,7 @@ def test_covariance(benchmark, layer, backend):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_eigenvalue_correction(benchmark, layer, backend):
     if backend not in _backends("eigenvalue_correction"):
         pytest.skip(f"{backend} is not benchmarked on {DEV}")
@@ -107,7 +105,7 @@ def test_precondition(benchmark, layer, backend):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32-queries", "int8-queries"])
 def test_pairwise_scores(benchmark, layer, backend, int8):
     if backend not in _backends("pairwise_scores"):

@@ -1,8 +1,10 @@
 """kfac_kernels: tensor-level K-FAC / EK-FAC ops with a torch reference and fused Triton kernels.
 
-Every public op dispatches by device (CUDA -> Triton, else torch); pass ``backend="torch"|"triton"|"native"``
-or set ``KFAC_KERNELS_BACKEND`` to force one. Shapes: ``a: (B, R, D_in)`` layer inputs per example and position,
-``g: (B, R, D_out)`` output gradients, ``append_one`` appends the homogeneous bias coordinate (last index).
+Every public op dispatches by device (CUDA -> Triton, else torch); pass ``backend="torch"|"triton"``
+or set ``KFAC_KERNELS_BACKEND`` to force one. A Triton kernel that fails on the user's device (by default, not
+when forced) falls back to the op's torch implementation with one warning (``dispatch.guarded``).
+Shapes: ``a: (B, R, D_in)`` layer inputs per example and position, ``g: (B, R, D_out)`` output gradients,
+``append_one`` appends the homogeneous bias coordinate (last index).
 Wherever an op takes ``a`` it also takes ``ConvPatches(x, kernel_size, stride, padding, dilation)``: a Conv2d
 input ``x: (B, C, H, W)`` standing for its unfolded patches, which the torch path then never materialises.
 """

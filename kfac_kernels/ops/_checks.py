@@ -17,12 +17,6 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: Sequence[torch.d
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {tuple(dtypes)}")
 
 
-def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
-    devices = {k: v.device for k, v in tensors.items() if v is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"tensors are on different devices: {devices}")
-
-
 def check_out(out: Optional[torch.Tensor], shape: tuple, device: torch.device) -> None:
     if out is None:
         return
