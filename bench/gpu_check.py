@@ -4,7 +4,9 @@ For each kernel and shape: fresh random inputs; the kernel against its float64 r
 error, with flash-attention's rule against the same-dtype torch composition); poisoned memory before each call so
 unwritten outputs show as NaN; three repeated launches compared (atomics races); then the median time of the kernel
 and of the fastest plain torch composition (triton.testing.do_bench), the peak-memory ratio and the percent of
-roofline. A short table is printed last; full rows go to --out as JSON.
+roofline. A short table is printed last; full rows go to --out as JSON. Beside the measurements it prints the
+predictions of bench/roofline.py for the same shapes (lower bounds of the fused and torch times on an H200, the
+speed-up bound and the peak-memory ratio), which the measurements are to be held against.
 
 ``--dry-run`` runs the same script on a CPU in the Triton interpreter with tiny shapes and fp32 only (no timing,
 memory or roofline meaning): it proves the script itself runs before a GPU session spends device time on it
@@ -34,7 +36,10 @@ import triton  # noqa: E402
 from triton.testing import do_bench as _cuda_bench  # noqa: E402
 
 from kfac_kernels.ops import covariance as cov, eigen_correction as ec, pairwise as pw, precondition as pc  # noqa
-from shapes import CIFAR, QUERIES, layer_dims  # noqa: E402
+import roofline  # noqa: E402
+from shapes import CIFAR, QUERIES, SD15, layer_dims  # noqa: E402
+
+PREDICTED = {}  # row name -> (fused ms, torch ms, speed-up bound, memory ratio) from bench/roofline.py
 
 PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12}  # measured bf16; fp32 datasheet
 PEAK_BYTES = 4.3e12
@@ -198,6 +203,13 @@ def cases(dtype, shapes):
                         pc.precondition_triton(v, qa, qg, lam, 1e-3), t_pc,
                         lambda v=v, qa=qa, qg=qg, lam=lam: pc.precondition_reference(*f64(v, qa, qg, lam), 1e-3),
                         4 * PRECOND_QUERIES * d_out * dp * (dp + d_out), 2 * v.numel() * 4, torch.float32))
+    for row in out:  # the roofline predictions of each row's op at its layer and dtype
+        op, rest = row[0].split(", ", 1)
+        for sh in shapes:
+            if rest.startswith(sh["name"] + " "):
+                half = rest.endswith("bfloat16") or rest.endswith("float16")
+                f, t = roofline.predict(sh, half)[op.replace("pairwise int8", "pairwise")]
+                PREDICTED[row[0]] = (f.time * 1e3, t.time * 1e3, t.time / f.time, f.peak / t.peak)
     return out
 
 
@@ -234,10 +246,18 @@ def tiny_cases():
     return res
 
 
+def _pred(name):
+    p = PREDICTED.get(name)
+    if p is None:
+        return "- | -"
+    return f"{p[0] * 1e3:.3g} ({p[1] * 1e3:.3g}) | {p[2]:.2f}x / {p[3]:.2g}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--sd15", action="store_true", help="also the Stable-Diffusion-1.5 layers (after cifar-ddpm's)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, fp32 only")
     args = ap.parse_args()
     t_start = time.time()
@@ -259,8 +279,9 @@ def main():
             failures.append(name)
 
     rows = []
+    shapes = TINY_SHAPES if DRY_RUN else CIFAR + (SD15 if args.sd15 else [])
     for dtype in DTYPES:
-        for name, kern, tfn, reffn, flops, nbytes, dt in cases(dtype, TINY_SHAPES if DRY_RUN else CIFAR):
+        for name, kern, tfn, reffn, flops, nbytes, dt in cases(dtype, shapes):
             if time.time() - t_start > args.budget_s:
                 print(f"skip {name}: time budget spent", flush=True)
                 continue
@@ -309,15 +330,15 @@ def main():
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
     print("\n| kernel / layer | ok | rel err (torch) | ms (torch ms) | speed-up | peak mem ratio | TFLOP/s | GB/s | "
-          "roofline % |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "roofline % | predicted H200 us >= (torch) | predicted speed-up / mem ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "ms" not in r:
-            print(f"| {r['name']} | FAIL | {r.get('error', '')[:60]} | | | | | | |")
+            print(f"| {r['name']} | FAIL | {r.get('error', '')[:60]} | | | | | | | {_pred(r['name'])} |")
             continue
         print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r['err']:.1e} ({r['torch_err']:.1e}) | "
               f"{r['ms']:.3f} ({r['torch_ms']:.3f}) | {r['speedup']:.2f}x | {r['mem_ratio']:.2f} | "
-              f"{r['tflops']:.1f} | {r['gbs']:.0f} | {r['roofline_pct']:.0f} |")
+              f"{r['tflops']:.1f} | {r['gbs']:.0f} | {r['roofline_pct']:.0f} | {_pred(r['name'])} |")
     print(f"\n{len(failures)} failures{': ' + ', '.join(failures) if failures else ''}; "
           f"total {time.time() - t_start:.0f} s")
     return 1 if failures else 0

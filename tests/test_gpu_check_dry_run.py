@@ -24,4 +24,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert kinds == {"conv_cov expand", "conv_cov reduce", "linear_cov", "eig_correction", "self_scores",
                      "pairwise", "precondition"}
     assert all(row["ok"] and row["err"] <= 2 * row["torch_err"] + 1e-5 for row in rows)
-    assert "| kernel / layer |" in r.stdout.splitlines()[-len(rows) - 4]
+    table = r.stdout.splitlines()[-len(rows) - 4:-2]
+    assert "| kernel / layer |" in table[0] and "predicted H200 us" in table[0]
+    # every row carries bench/roofline.py's prediction for its op and shape: "<fused> (<torch>) | <x>x / <ratio>"
+    assert all(line.split("|")[-3].strip()[0].isdigit() and "x /" in line.split("|")[-2] for line in table[2:])
