@@ -38,6 +38,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-only -m "not slow or slow"
+	env -u TRITON_INTERPRET $(BIN)/python bench/compile_check.py --jobs 2 && $(BIN)/python bench/roofline.py
 
 clean:
 	rm -rf $(VENV) runs

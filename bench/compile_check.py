@@ -193,13 +193,27 @@ def violations(job) -> list:
     return v
 
 
-def cell(job) -> str:
-    bad = violations(job)
-    if not job["ok"]:
-        return "FAIL compile"
-    tc = "wgmma" if job["wgmma"] else "mma" if job["mma"] else "-"
-    text = f"{job['config']} {job['shared'] // 1024}K r{job['regs']} {tc}"
-    return ("**" + "; ".join(bad) + "** " + text) if bad else text
+def cell(jobs) -> str:
+    """One table cell: the jobs of a (variant, target) grouped by configuration; the specialisations of one
+    configuration (divisibility of the shapes' strides and sizes) differ only in their register counts."""
+    parts = []
+    groups = {}
+    for j in jobs:
+        groups.setdefault(j["config"], []).append(j)
+    for config in sorted(groups):
+        js = groups[config]
+        bad = sorted({v for j in js for v in violations(j)})
+        ok = [j for j in js if j["ok"]]
+        if not ok:
+            parts.append(f"**{'; '.join(bad)}** {config}")
+            continue
+        regs = sorted(j["regs"] or 0 for j in ok)
+        tc = "/".join(sorted({"wgmma" if j["wgmma"] else "mma" if j["mma"] else "-" for j in ok}))
+        text = (f"{config} {max(j['shared'] for j in ok) // 1024}K "
+                f"r{regs[0]}{'-' + str(regs[-1]) if regs[-1] != regs[0] else ''} {tc}"
+                + (f" ({len(js)})" if len(js) > 1 else ""))
+        parts.append(("**" + "; ".join(bad) + "** " + text) if bad else text)
+    return "<br>".join(parts)
 
 
 def table(jobs, targets) -> str:
@@ -208,11 +222,7 @@ def table(jobs, targets) -> str:
         rows.setdefault(j["row"], {}).setdefault(j["target"], []).append(j)
     lines = ["| kernel / variant | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
     for row in sorted(rows):
-        cells = []
-        for t in targets:
-            js = rows[row].get(t, [])
-            cells.append("<br>".join(sorted({cell(j) for j in js})) if js else "")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | " + " | ".join(cell(rows[row].get(t, [])) for t in targets) + " |")
     return "\n".join(lines)
 
 
@@ -223,7 +233,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default=None, help="comma-separated substrings of layer names to keep")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for the compiles")
     ap.add_argument("--json", default=None, help="write every compile's result here")
+    ap.add_argument("--table-from", default=None, help="print the table of a --json file (no compiling)")
     args = ap.parse_args(argv)
+    if args.table_from:
+        with open(args.table_from) as f:
+            jobs = json.load(f)
+        print(table(jobs, [t for t in TARGETS if any(j["target"] == t for j in jobs)]))
+        return 1 if any(violations(j) for j in jobs) else 0
     targets = args.targets.split(",") if args.targets else list(FAST_TARGETS if args.fast else TARGETS)
     t0 = time.time()
     jobs = list(enumerate_launches(targets, args.fast, args.layers.split(',') if args.layers else None).values())
