@@ -12,7 +12,9 @@ with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and ch
 * ``metadata.shared`` fits the target's per-block shared memory (163 KB sm_80, 99 KB sm_86 / sm_89, 227 KB
   sm_90a: CUDA C++ Programming Guide, compute capabilities);
 * ptxas (the one in the triton wheel, ``-v``) reports 0 bytes of spill stores and loads;
-* every kernel that multiplies matrices uses tensor cores: ``wgmma.mma_async`` on sm_90a, ``mma.sync`` elsewhere.
+* every kernel that multiplies matrices uses tensor cores: ``wgmma.mma_async`` on sm_90a, ``mma.sync`` elsewhere
+  (a cell shows "wgmma+mma" where an sm_90a kernel also has ``mma.sync`` products: the pairwise kernel's batched
+  per-example gradient product, a 3-D dot, which Triton lowers to mma.sync only).
 
 One table is printed (rows: kernel and variant; columns: targets; a cell gives the configuration, shared memory
 and registers, or what failed) and the exit status is 1 on any violation. ``--fast``: one configuration per
@@ -208,7 +210,7 @@ def cell(jobs) -> str:
             parts.append(f"**{'; '.join(bad)}** {config}")
             continue
         regs = sorted(j["regs"] or 0 for j in ok)
-        tc = "/".join(sorted({"wgmma" if j["wgmma"] else "mma" if j["mma"] else "-" for j in ok}))
+        tc = "/".join(sorted({"+".join(n for n in ("wgmma", "mma") if j[n]) or "-" for j in ok}))
         text = (f"{config} {max(j['shared'] for j in ok) // 1024}K "
                 f"r{regs[0]}{'-' + str(regs[-1]) if regs[-1] != regs[0] else ''} {tc}"
                 + (f" ({len(js)})" if len(js) > 1 else ""))
