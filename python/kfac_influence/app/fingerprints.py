@@ -2,7 +2,7 @@
 
 A stage's fingerprint is a hash of its own settings and of the fingerprints of the stages it reads:
 
-    train   data, model, scheduler, train
+    train   data (but its source path), model, scheduler, train
     sample  train + sample (+ whether trajectories are recorded) + the samples file layout
     fit     train + fit (curvature config, draws per forward) + the draw scheme + model_mode
             (+ the score's num_train_draws when the curvature config leaves num_draws to the task)
@@ -10,6 +10,11 @@ A stage's fingerprint is a hash of its own settings and of the fingerprints of t
     report  score + report
 
 Damping is a score setting: a damping sweep reruns the score stage only.
+
+What the settings cannot say is checked by identity, not by these fingerprints (``runner.Pipeline.inputs``): the
+training data's content (``ImageDataset.fingerprint``: so a data folder that moved or was copied reruns nothing,
+and one whose images changed reruns every stage that reads it), the ``--model`` files, and what each stage
+produced. Seeds and task settings are settings, so they are in these fingerprints.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ def needs_trajectory(config: RunConfig) -> bool:
 def fingerprints(config: RunConfig) -> Dict[str, str]:
     """Fingerprint per stage (16 hex digits)."""
     d = config.to_dict()
-    fp = {"train": _hash({"data": d["data"], "model": d["model"], "scheduler": d["scheduler"], "train": d["train"]})}
+    data = {k: v for k, v in d["data"].items() if k != "source"}  # its content is an input identity instead
+    fp = {"train": _hash({"data": data, "model": d["model"], "scheduler": d["scheduler"], "train": d["train"]})}
     fp["sample"] = _hash({"train": fp["train"], "sample": d["sample"], "traj": needs_trajectory(config),
                           "layout": FILE_LAYOUT})
     fit = {"train": fp["train"], "fit": d["fit"], "model_mode": config.model_mode, "draws": config.score.draws}

@@ -251,14 +251,18 @@ class Pipeline:
         t0 = time.time()
         checkpoints = os.path.join(d, CHECKPOINTS)
         try:
-            produced = stages.BODIES[stage](self.ctx, staging, checkpoints)
-        except CheckpointMismatch as exc:  # inputs changed in a way the fingerprints missed: start over once
-            self.log(f"[{stage}] its checkpoint was made from other inputs ({short_message(exc, 200)}); "
-                     f"starting over")
-            _remove(checkpoints)
-            _remove(staging)
-            os.makedirs(staging)
-            produced = stages.BODIES[stage](self.ctx, staging, checkpoints)
+            try:
+                produced = stages.BODIES[stage](self.ctx, staging, checkpoints)
+            except CheckpointMismatch as exc:  # inputs changed in a way the fingerprints missed: start over once
+                self.log(f"[{stage}] its checkpoint was made from other inputs ({short_message(exc, 200)}); "
+                         f"starting over")
+                _remove(checkpoints)
+                _remove(staging)
+                os.makedirs(staging)
+                produced = stages.BODIES[stage](self.ctx, staging, checkpoints)
+        except BaseException:
+            _remove(staging)  # half-written new outputs; the previous ones and their stage.json stay in place
+            raise
         secs = round(time.time() - t0, 2)
         self._swap(stage, d, staging, rec, pending, {"fingerprint": fp, "inputs": inputs, "produced": produced,
                                             "seconds": secs})

@@ -89,11 +89,25 @@ class SchedulerConfig:
             raise ModelError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}")
 
 
+def stable_config(scheduler):
+    """``scheduler`` with its diffusers config in a process-independent form, returned for chaining.
+
+    diffusers records ``_use_default_values`` as a list made from a set, so its order changes from one Python
+    process to the next (string hashing is randomised); ``identity.task_fingerprint`` hashes the scheduler's
+    config, so without this a checkpoint written by one process would be refused by the process resuming it."""
+    from diffusers.configuration_utils import FrozenDict
+
+    cfg = getattr(scheduler, "_internal_dict", None)
+    if cfg is not None and isinstance(cfg.get("_use_default_values"), list):
+        scheduler._internal_dict = FrozenDict({**cfg, "_use_default_values": sorted(cfg["_use_default_values"])})
+    return scheduler
+
+
 def make_scheduler(config: SchedulerConfig = SchedulerConfig()):
-    """A diffusers ``DDPMScheduler`` (epsilon prediction, fixed_small variance, linear betas)."""
+    """A diffusers ``DDPMScheduler`` (epsilon prediction, fixed_small variance, linear betas; ``stable_config``)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(
+    return stable_config(DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_start=config.beta_start,
         beta_end=config.beta_end,
@@ -101,7 +115,7 @@ def make_scheduler(config: SchedulerConfig = SchedulerConfig()):
         variance_type="fixed_small",
         clip_sample=config.clip_sample,
         prediction_type="epsilon",
-    )
+    ))
 
 
 def _unet_from_kwargs(kwargs: dict, source: str, seed: int):
@@ -214,7 +228,7 @@ def load_model(path: str) -> Tuple[torch.nn.Module, Optional[object]]:
         sdir = os.path.join(path, "scheduler")
         if os.path.isdir(sdir):
             try:
-                sched = DDPMScheduler.from_pretrained(sdir, local_files_only=True)
+                sched = stable_config(DDPMScheduler.from_pretrained(sdir, local_files_only=True))
             except Exception as exc:
                 raise ModelError(f"{sdir}: cannot load scheduler ({type(exc).__name__})") from None
     cfg = os.path.join(unet_dir, "config.json")

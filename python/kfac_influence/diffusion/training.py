@@ -101,7 +101,7 @@ class EMA:
 
 @dataclass
 class TrainResult:
-    """``model``: the EMA model (eval mode) used for attribution; ``raw_model``: the last optimiser weights;
+    """``model``: the EMA model (eval mode, parameters requiring grad) used for attribution; ``raw_model``: the last optimiser weights;
     ``losses``: per-step training losses of the steps run in this call; ``resumed_from``: step of the checkpoint
     the run resumed from (0: fresh)."""
 
@@ -249,4 +249,6 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
                           "lr_scheduler": lr_sched.state_dict()})
     bar.close()
     model.eval()
-    return TrainResult(model=ema.model.eval(), raw_model=model, losses=losses, resumed_from=start)
+    # the EMA copy was kept out of autograd while averaging; attribution differentiates it
+    return TrainResult(model=ema.model.eval().requires_grad_(True), raw_model=model, losses=losses,
+                       resumed_from=start)
