@@ -291,10 +291,10 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     pipe = Pipeline(args.out, config, progress=not args.no_progress, command=args.command)
     stages = pipe.stages_to_run() if args.command in ("run", "demo") else (args.command,)
-    pipe.preflight(stages)  # device, data, model vs image size, foreign files: still nothing written
+    pipe.preflight(stages, args.force)  # device, data, model vs image size, foreign files: nothing written yet
     os.makedirs(args.out, exist_ok=True)
     with RunLock(args.out):
-        pipe.preflight(stages)  # again under the lock: another command may have changed the folder
+        pipe.preflight(stages, args.force)  # again under the lock: another command may have changed the folder
         pipe.start()
         if args.command in ("run", "demo"):
             pipe.run_all(force=args.force)

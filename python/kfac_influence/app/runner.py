@@ -109,15 +109,18 @@ class Pipeline:
         return tuple(st for st in STAGES if not (st == "fit" and self.config.score.curvature))
 
     # -- checks before anything is written -----------------------------------------------------------------------
-    def preflight(self, stages_: Tuple[str, ...]) -> None:
+    def preflight(self, stages_: Tuple[str, ...], force: bool = False) -> None:
         """Everything that can be checked before a file is touched: the device, the data, the model against the
-        data's image size, and that the folders of ``stages_`` hold no foreign files. Raises one-line errors."""
+        data's image size, and that the folders of the stages of ``stages_`` that will run (not up to date, or
+        ``force``) hold no foreign files (``run_stage`` checks again, for stages rerun because an earlier one
+        changed its outputs). Raises one-line errors."""
         self.ctx.device  # noqa: B018  (resolved and validated in RunContext)
         c, h, w = self.ctx.data().shape
-        if "train" in stages_ and self.why_not_done("train") is not None:
+        will_run = [st for st in stages_ if force or self.why_not_done(st) is not None]
+        if "train" in will_run:
             spec = self.config.model.spec
             check_image_size(model_config(spec), h, w, f"--model {os.path.basename(spec.rstrip('/')) or spec}")
-        for st in stages_:
+        for st in will_run:
             check_stage_folder(self.out, st)
 
     # -- identities ----------------------------------------------------------------------------------------------
@@ -170,7 +173,9 @@ class Pipeline:
                 now = None
             if now != recorded:
                 return "its outputs were modified or removed after it finished"
-        recorded_inputs = rec.get("inputs") or {}
+        recorded_inputs = rec.get("inputs")
+        if not isinstance(recorded_inputs, dict):
+            return "run by an earlier version that did not record the identity of its inputs"
         for key, value in self.inputs(stage).items():
             if recorded_inputs.get(key) != value:
                 return f"{INPUT_NAMES[key]} changed since it ran ({key} {recorded_inputs.get(key)} -> {value})"
@@ -236,10 +241,13 @@ class Pipeline:
         rec = self.record(stage) or {}
         inputs = self.inputs(stage)
         pending = hashlib.sha256(json.dumps([fp, inputs], sort_keys=True).encode()).hexdigest()[:16]
+        checkpoints = os.path.join(d, CHECKPOINTS)
         if force:
             self._clear_checkpoints(d, "--force", stage)
         elif rec.get("pending") != pending:
             self._clear_checkpoints(d, "made for other settings or inputs", stage)
+        elif os.path.isdir(checkpoints) and os.listdir(checkpoints):
+            reason += "; resuming from the checkpoint of the interrupted run"
         for name in os.listdir(d):
             if is_own_temporary(name):
                 _remove(os.path.join(d, name))
@@ -249,7 +257,6 @@ class Pipeline:
         atomic_write_json(os.path.join(d, STAGE_JSON), {**rec, "pending": pending})
         self.log(f"[{stage}] running (fingerprint {fp}): {reason}")
         t0 = time.time()
-        checkpoints = os.path.join(d, CHECKPOINTS)
         try:
             try:
                 produced = stages.BODIES[stage](self.ctx, staging, checkpoints)
