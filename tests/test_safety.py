@@ -167,7 +167,7 @@ def test_zero_is_refused_not_unset(tmp_path, capsys, flag):
     assert app_cli._resolve(args) is not None  # 'none' is the explicit "unset"
 
 
-# -- case 3: changed inputs are noticed; file names travel with the scores --------------------------------------------
+# -- case 3: changed inputs are noticed; file names travel with the scores -------------------------------------------
 def test_case3_deleted_images_rerun_the_stages_and_say_why(run_copy, capsys, one_thread):
     out = run_copy / "out"
     t, meta = load_tensors(out / "scores/scores.safetensors")
@@ -217,7 +217,7 @@ def test_case3_modified_output_reruns(run_copy, capsys, one_thread):
     assert any("[score] up to date" in ln for ln in lines), lines  # same queries: nothing stale, nothing redone
 
 
-# -- case 5: no pickle is ever loaded ----------------------------------------------------------------------------------
+# -- case 5: no pickle is ever loaded --------------------------------------------------------------------------------
 def test_case5_no_unsafe_loader_in_the_sources():
     bad = re.compile(r"weights_only\s*=\s*False|pickle\.load|allow_pickle\s*=\s*True")
     hits = [f"{p}:{i}" for base in ("python", "kfac_kernels") for p in (ROOT / base).rglob("*.py")
@@ -367,7 +367,7 @@ def test_case8_force_clears_a_corrupt_checkpoint(run_copy, capsys, one_thread):
     assert not ck.parent.exists()
 
 
-# -- case 9: the negative column holds only negative scores --------------------------------------------------------------
+# -- case 9: the negative column holds only negative scores ----------------------------------------------------------
 def test_case9_report_columns_keep_their_sign(tmp_path):
     from kfac_influence.app import RunConfig
     from kfac_influence.diffusion.data import ImageDataset
@@ -389,7 +389,7 @@ def test_case9_report_columns_keep_their_sign(tmp_path):
     assert "fewer than" in (tmp_path / "report.md").read_text()
 
 
-# -- case 10: checkpoint seconds, Ctrl-C saves and exits 130 ------------------------------------------------------------
+# -- case 10: checkpoint seconds, Ctrl-C saves and exits 130 ---------------------------------------------------------
 def test_case10_ctrl_c_during_fit_saves_and_resumes(run_copy, capsys, monkeypatch, one_thread):
     from kfac_influence.tasks import DiffusionTask
 
@@ -418,7 +418,7 @@ def test_case10_ctrl_c_during_fit_saves_and_resumes(run_copy, capsys, monkeypatc
     assert code == 0 and not any("cleared" in ln for ln in lines), lines
 
 
-# -- fault injection: SIGKILL inside and between checkpoint writes, SIGINT; bit-identical after resuming --------------
+# -- fault injection: SIGKILL inside and between checkpoint writes, SIGINT; bit-identical after resuming -------------
 @pytest.fixture(scope="module")
 def references(one_thread):
     import fault_driver
@@ -496,7 +496,7 @@ def test_full_disk_during_fit_and_score_keeps_previous_outputs(run_copy, capsys,
     assert code == 0 and any("[report] up to date" in ln for ln in lines), lines
 
 
-# -- the concurrency guard --------------------------------------------------------------------------------------------
+# -- the concurrency guard -------------------------------------------------------------------------------------------
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, capsys):
     from kfac_influence.app.lock import RunLock
 
@@ -521,7 +521,7 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, capsys):
     assert not (out / ".lock").exists()
 
 
-# -- the README's API snippet runs as written ---------------------------------------------------------------------------
+# -- the README's API snippet runs as written ------------------------------------------------------------------------
 def test_readme_api_snippet_runs(tmp_path, monkeypatch, one_thread):
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Python API"):]
@@ -534,3 +534,15 @@ def test_readme_api_snippet_runs(tmp_path, monkeypatch, one_thread):
     assert env["scores"].shape == (len(env["generated_images"]), len(env["data"]))
     assert torch.isfinite(env["scores"]).all()
     assert time.time() - t0 < 120
+
+
+def test_evaluation_help_is_for_users_and_matches_the_run_layout():
+    parser = app_cli.build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for command in ("lds", "retrain-top"):
+        text = subs[command].format_help()
+        assert "Registered by" not in text and "add_subcommands" not in text
+        assert "runs/x/scores/scores.safetensors" in text and "runs/x/samples/samples.safetensors" in text
+    out_help = subs["fit"].format_help()
+    assert "--checkpoint-seconds" in out_help and "--force" in out_help
+    assert "--checkpoint-every" in subs["train"].format_help()

@@ -2,10 +2,11 @@
 
     settings.py      RunConfig and its sections (frozen, validated; JSON form; earlier run.json forms upgraded)
     fingerprints.py  what each stage's outputs depend on; the software environment
-    layout.py        the run folder: stages, their folders and outputs, dependencies, StageError
+    layout.py        the run folder: stages, their folders and outputs, dependencies, ownership checks, StageError
+    lock.py          OUT/.lock: one command at a time per run folder
     context.py       what the stages of one command share (data, models, samples, scores, task, curvature)
     stages.py        the stage bodies (train, sample, fit, score, report)
-    runner.py        Pipeline: skip, clear, run and record stages; run.json
+    runner.py        Pipeline: skip, run and record stages (manifests, input identities, swap on success); run.json
     cli.py           the ``kfac-influence`` command (``python -m kfac_influence``)
 
 The library it drives (``kfac_influence.curvature``, ``scoring``, ``diffusion``, ``report``) never imports it.

@@ -101,7 +101,8 @@ class EMA:
 
 @dataclass
 class TrainResult:
-    """``model``: the EMA model (eval mode, parameters requiring grad) used for attribution; ``raw_model``: the last optimiser weights;
+    """``model``: the EMA model (eval mode, parameters requiring grad) used for attribution; ``raw_model``: the
+    last optimiser weights;
     ``losses``: per-step training losses of the steps run in this call; ``resumed_from``: step of the checkpoint
     the run resumed from (0: fresh)."""
 
