@@ -1,4 +1,4 @@
-"""Test-only driver for tests/test_safety.py: fits a curvature or scores a tiny UNet with a checkpoint saved after
+"""Test-only driver for tests/test_safety.py: fits a curvature or scores a tiny epsilon model with a checkpoint saved after
 every group, and interrupts itself at a chosen checkpoint write, to be resumed by the test.
 
     python fault_driver.py fit|score CHECKPOINT_DIR ACTION K
@@ -19,23 +19,36 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 F64 = torch.float64
 
 
-def inputs():
-    """The model, task, data and queries shared by the driver and the test (deterministic)."""
-    from helpers import tiny_unet
+class TinyEps(torch.nn.Module):
+    """A small epsilon predictor (two convolutions, a time-embedding linear layer) in plain torch: no diffusers
+    import, so the driver starts in about two seconds."""
 
-    from kfac_influence.diffusion.models import make_scheduler
+    def __init__(self):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.time = torch.nn.Linear(16, 8)
+        self.conv_out = torch.nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        freqs = torch.exp(-torch.arange(8, dtype=x.dtype, device=x.device) * (9.2 / 8))
+        a = t.to(x.dtype)[:, None] * freqs
+        h = self.conv_in(x) + self.time(torch.cat([a.sin(), a.cos()], 1))[:, :, None, None]
+        return self.conv_out(torch.nn.functional.silu(h))
+
+
+def inputs():
+    """The model, task, data and queries shared by the driver and the test (deterministic, in any process)."""
     from kfac_influence.tasks import DiffusionTask
 
-    unet = tiny_unet(size=4)
+    torch.manual_seed(0)
+    model = TinyEps().to(F64)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(9, 1, 4, 4, dtype=F64, generator=g) * 2 - 1
-    task = DiffusionTask(make_scheduler(), num_train_draws=2, num_query_draws=2)  # its config is process-stable
-    return unet, task, x, x[:2].clone()
+    task = DiffusionTask(torch.linspace(1e-4, 0.02, 1000, dtype=F64), num_train_draws=2, num_query_draws=2)
+    return model, task, x, x[:2].clone()
 
 
 def fit(checkpoint_dir=None):

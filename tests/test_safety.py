@@ -546,3 +546,19 @@ def test_evaluation_help_is_for_users_and_matches_the_run_layout():
     out_help = subs["fit"].format_help()
     assert "--checkpoint-seconds" in out_help and "--force" in out_help
     assert "--checkpoint-every" in subs["train"].format_help()
+
+
+def test_run_folder_of_an_earlier_version_is_taken_over_safely(run_copy, capsys, one_thread):
+    """stage.json files without manifests (earlier versions): the files those versions wrote are recognised by
+    name, the stages rerun saying why, and an old pickled training checkpoint is removed, never loaded."""
+    out = run_copy / "out"
+    for folder in ("train", "samples", "fit", "scores", "report"):
+        rec = json.loads((out / folder / "stage.json").read_text())
+        (out / folder / "stage.json").write_text(json.dumps({k: rec[k] for k in ("fingerprint", "done", "seconds")}))
+    marker = run_copy / "PWNED"
+    plant_pickle(out / "train/checkpoints/checkpoint.pt", marker)
+    code, lines = main(capsys, "run", "--out", out, "--no-progress", "--threads", "1")
+    assert code == 0, lines
+    assert sum("earlier version" in ln for ln in lines) == 5, lines
+    assert not marker.exists() and not (out / "train/checkpoints").exists()
+    assert "manifest" in json.loads((out / "report/stage.json").read_text())
