@@ -72,6 +72,11 @@ def layer_calls(s, dtype):
         x = torch.empty(b, s["c_in"], s["hw"], s["hw"], dtype=dtype, **meta)
         conv = dict(kernel_size=s["k"], padding=s["k"] // 2)
         calls.append(("conv_covariance expand", lambda: cov.conv_covariance_triton(x, append_one=one, **conv)))
+        # the same conv without a bias, and its input in channels-last memory (other strides, other specialisation)
+        calls.append(("conv_covariance expand no-bias", lambda: cov.conv_covariance_triton(x, **conv)))
+        x_cl = torch.empty(b, s["hw"], s["hw"], s["c_in"], dtype=dtype, **meta).permute(0, 3, 1, 2)
+        calls.append(("conv_covariance expand channels-last", lambda: cov.conv_covariance_triton(
+            x_cl, append_one=one, **conv)))
         calls.append(("conv_covariance reduce", lambda: cov.conv_covariance_triton(x, append_one=one, reduce=True,
                                                                                  **conv)))
     else:
