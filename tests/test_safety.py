@@ -361,7 +361,18 @@ def test_case8_force_clears_a_corrupt_checkpoint(run_copy, capsys, one_thread):
     ck = out / "fit/checkpoints/fit_state.safetensors"
     ck.parent.mkdir()
     ck.write_bytes(b"garbage")
-    code, lines = main(capsys, "fit", "--out", out, "--force", "--no-progress")
+    rec = json.loads((out / "fit/stage.json").read_text())
+    code, lines = main(capsys, "fit", "--out", out, "--fit-draws", "2", "--no-progress")  # clears: other settings
+    assert code == 0 and any("cleared its checkpoints (made for other settings" in ln for ln in lines), lines
+    ck.parent.mkdir()
+    ck.write_bytes(b"garbage")  # a corrupt checkpoint of the very attempt being resumed
+    import hashlib
+    done2 = json.loads((out / "fit/stage.json").read_text())  # pretend the --fit-draws 2 attempt was interrupted
+    pending = hashlib.sha256(json.dumps([done2["fingerprint"], done2["inputs"]], sort_keys=True).encode())
+    (out / "fit/stage.json").write_text(json.dumps({**rec, "pending": pending.hexdigest()[:16]}))
+    code, lines = main(capsys, "fit", "--out", out, "--fit-draws", "2", "--no-progress")
+    assert_one_line_error(code, lines, "fit_state.safetensors", "--force")
+    code, lines = main(capsys, "fit", "--out", out, "--fit-draws", "2", "--force", "--no-progress")
     assert code == 0, lines
     assert any("cleared its checkpoints (--force)" in ln for ln in lines)
     assert not ck.parent.exists()

@@ -324,7 +324,7 @@ def error_line(exc: BaseException) -> str:
                 f"--score-draws-per-forward / --batch-size")
     if isinstance(exc, FloatingPointError):
         return f"numerical failure: {msg}"
-    if isinstance(exc, (ValueError, TypeError, KeyError)):
+    if isinstance(exc, (ValueError, TypeError)):  # settings, data, models, files (StageError, DataError, ...)
         return msg
     if isinstance(exc, OSError):
         return f"file system: {msg}"

@@ -267,8 +267,11 @@ class Pipeline:
                 _remove(staging)
                 os.makedirs(staging)
                 produced = stages.BODIES[stage](self.ctx, staging, checkpoints)
-        except BaseException:
+        except BaseException as exc:
             _remove(staging)  # half-written new outputs; the previous ones and their stage.json stay in place
+            if isinstance(exc, ValueError) and checkpoints in str(exc):  # e.g. an unreadable checkpoint
+                raise StageError(f"{short_message(exc, 300)}; rerun with --force to discard the stage's "
+                                 f"checkpoints") from None
             raise
         secs = round(time.time() - t0, 2)
         self._swap(stage, d, staging, rec, pending, {"fingerprint": fp, "inputs": inputs, "produced": produced,
