@@ -133,6 +133,13 @@ def test_case1_stage_never_deletes_foreign_files(tmp_path, tiny_json, capsys, on
     assert snapshot(proj) == before  # nothing deleted, nothing written (no run.json, no lock)
 
 
+def test_out_inside_the_data_folder_is_refused(tmp_path, capsys):
+    write_pngs(tmp_path / "imgs", 4)
+    code, lines = main(capsys, "run", "--out", tmp_path / "imgs/run", "--data", tmp_path / "imgs")
+    assert_one_line_error(code, lines, "inside the training data folder")
+    assert not (tmp_path / "imgs/run").exists()
+
+
 def test_case1_foreign_file_in_report_survives(run_copy, capsys, one_thread):
     out = run_copy / "out"
     notes = out / "report" / "notes.txt"

@@ -115,6 +115,12 @@ class Pipeline:
         ``force``) hold no foreign files (``run_stage`` checks again, for stages rerun because an earlier one
         changed its outputs). Raises one-line errors."""
         self.ctx.device  # noqa: B018  (resolved and validated in RunContext)
+        source = self.config.data.source
+        if os.path.isdir(source):
+            data_dir, out = os.path.realpath(source), os.path.realpath(self.out)
+            if out == data_dir or out.startswith(data_dir + os.sep):
+                raise StageError(f"--out {self.out} is inside the training data folder {source}: the run's own "
+                                 f"images would become training data; use an --out outside it")
         c, h, w = self.ctx.data().shape
         will_run = [st for st in stages_ if force or self.why_not_done(st) is not None]
         if "train" in will_run:
