@@ -554,6 +554,14 @@ def test_readme_api_snippet_runs(tmp_path, monkeypatch, one_thread):
     assert time.time() - t0 < 120
 
 
+def test_lds_refuses_scores_of_other_training_images(run_copy, capsys):
+    out = run_copy / "out"
+    code, lines = main(capsys, "lds", "--out", run_copy / "lds", "--scores", out / "scores/scores.safetensors",
+                       "--queries", out / "samples/samples.safetensors", "--data", "digits", "--limit", "24",
+                       "--no-progress")
+    assert_one_line_error(code, lines, "other training images")
+
+
 def test_evaluation_help_is_for_users_and_matches_the_run_layout():
     parser = app_cli.build_parser()
     subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices

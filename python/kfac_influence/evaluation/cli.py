@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..diffusion import DataConfig, TrainConfig, build_model, load_dataset, make_scheduler
-from ..storage import atomic_write_json, short_message
+from ..storage import atomic_write_json, load_tensors, short_message
 from ..tasks import DiffusionTask
 from .ground_truth import diffusion_train_fn, task_measurements
 from .lds import LDSConfig, LDSRun
@@ -76,6 +76,17 @@ def _read_tensor(path: str, key: Optional[str]):
     return obj
 
 
+def _recorded_train_names(path: str):
+    """The training file names a pipeline scores file records (``train_names`` in its header), else None."""
+    if not path.endswith(".safetensors"):
+        return None
+    try:
+        _, header = load_tensors(path)
+    except ValueError:  # not written by kfac_influence: nothing recorded
+        return None
+    return header.get("train_names")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="cache and result folder")
     p.add_argument("--scores", required=True, help="(Q, N) score matrix file")
@@ -129,6 +140,10 @@ def _setup(args):
     queries = _load_tensor(args.queries, "images").float()
     if scores.dim() != 2 or scores.shape[1] != len(images):
         raise ValueError(f"scores have shape {tuple(scores.shape)}; expected (Q, N = {len(images)}) for this data")
+    names = _recorded_train_names(args.scores)
+    if names is not None and list(names) != list(data.names()):
+        raise ValueError(f"{args.scores}: its columns are other training images than --data {args.data} gives "
+                         f"(file names differ); pass the run's --data / --limit / --data-seed / --image-size")
     if queries.dim() != 4 or queries.shape[0] != scores.shape[0] or queries.shape[1:] != images.shape[1:]:
         raise ValueError(f"queries have shape {tuple(queries.shape)}; expected ({scores.shape[0]}, "
                          f"{', '.join(map(str, images.shape[1:]))})")
