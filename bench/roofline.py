@@ -16,10 +16,11 @@ Peak figures (NVIDIA H200 datasheet, SXM; dense = half of the "with sparsity" fi
 Model: time >= max(MAC / peak MAC rate, bytes / 4.8 TB/s) for each launch, summed over the launches of the path
 (rotations and other cuBLAS GEMMs counted on the torch side's rate). Bytes count each tensor once per pass that
 must touch it in HBM (a re-read that L2 (50 MB) can serve is not counted, one that cannot is: the pairwise
-kernel reads the query tile once per block of 16 examples). Elementwise passes of the torch composition (copies,
-casts, squares, divisions) are memory-bound passes over their tensors.
+kernel reads the query tile once per block of 16 examples, 32 at R = 1, where it forms no gradients at all).
+Elementwise passes of the torch composition (copies, casts, squares, divisions) are memory-bound passes over
+their tensors.
 
-    python bench/roofline.py [--markdown]
+    python bench/roofline.py
 """
 from __future__ import annotations
 
@@ -147,8 +148,12 @@ def predict(s, half: bool):
     out["precondition"] = (f, t)
     # ---- pairwise scores, 64 queries: fused forms gradient tiles on chip; torch materialises (B, D_out, D_in')
     p_bytes = QUERIES * do * dp * el
-    p_reads = math.ceil(b / 16) if p_bytes > L2_BYTES else 1
-    f = Path().gemm(m * do * dp + QUERIES * z, ag + p_reads * p_bytes + QUERIES * b * 4, k_rate)
+    if r == 1:  # _pairwise_r1_kernel: no gradient product; the query tile read once per 32 examples
+        p_reads = math.ceil(b / 32) if p_bytes > L2_BYTES else 1
+        f = Path().gemm(QUERIES * z, ag + p_reads * p_bytes + QUERIES * b * 4, k_rate)
+    else:
+        p_reads = math.ceil(b / 16) if p_bytes > L2_BYTES else 1
+        f = Path().gemm(m * do * dp + QUERIES * z, ag + p_reads * p_bytes + QUERIES * b * 4, k_rate)
     f.peak = QUERIES * b * 4
     t = Path().stream(m * d_in * el + m * dp * el)                   # with_one(a)
     t.gemm(m * do * dp, m * (dp + do) * el + z * el, t_rate)          # einsum -> per-example gradients

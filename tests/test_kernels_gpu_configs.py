@@ -83,11 +83,13 @@ def test_precondition_at_gpu_configs(gpu_target, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pairwise_at_gpu_configs(gpu_target, dtype):
+@pytest.mark.parametrize("r", [1, 5])  # R = 1: _pairwise_r1_kernel (no per-example gradient product)
+def test_pairwise_at_gpu_configs(gpu_target, dtype, r):
     from kfac_kernels.ops import pairwise as pw
 
     gen = torch.Generator().manual_seed(54)
-    a, g = randn(18, 5, 19, dtype=dtype, gen=gen), randn(18, 5, 21, dtype=dtype, gen=gen)
+    b = 37 if r == 1 else 18
+    a, g = randn(b, r, 19, dtype=dtype, gen=gen), randn(b, r, 21, dtype=dtype, gen=gen)
     p = randn(67, 21, 20, dtype=dtype, gen=gen)  # 67 queries: two query blocks at either BLOCK_Q
     ref = pw.pairwise_scores_reference(a.double(), g.double(), p.double(), append_one=True)
     assert_flash_rule(pw.pairwise_scores_triton(a, g, p, append_one=True), lowp_pairwise(a, g, p, True), ref, dtype)

@@ -83,8 +83,10 @@ def pairwise_scores_reference(a: torch.Tensor, g: torch.Tensor, queries, *, appe
 # Triton: a back-to-back GEMM in the manner of flash attention. A program owns BLOCK_B examples, BLOCK_Q queries
 # and a share of the (o, i) tiles of the weight. For each tile it forms the examples' gradient tiles
 # G (BLOCK_B, BLOCK_O, BLOCK_I) = sum_r g_r a_r'^T with one batched dot over positions, flattens them to
-# (BLOCK_B, BLOCK_O * BLOCK_I) and contracts that with the queries' tile (BLOCK_O * BLOCK_I, BLOCK_Q) into the
-# (BLOCK_B, BLOCK_Q) score block. Per-example gradients never leave the chip; int8 queries are dequantised on load.
+# (BLOCK_B, BLOCK_O * BLOCK_I) and contracts the queries' tile (BLOCK_Q, BLOCK_O * BLOCK_I) with it into the
+# (BLOCK_Q, BLOCK_B) score block. Per-example gradients never leave the chip; int8 queries are dequantised on load.
+# With one position (R = 1) the gradients are outer products and a second kernel skips them: S = sum_o g[:, o] *
+# (P[:, o, :] a'^T), 2-D products only.
 # ---------------------------------------------------------------------------------------------------------------
 from ._triton import HAS_TRITON  # noqa: E402
 
@@ -151,6 +153,58 @@ if HAS_TRITON:
         # (it runs programs one at a time) and are covered by bench/gpu_check.sh, which repeats launches.
         tl.atomic_add(s_ptr + qq[:, None] * ssq + bb[None, :] * ssb, acc, mask=qmask[:, None] & bmask[None, :])
 
+    @triton.jit
+    def _pairwise_r1_kernel(a_ptr, g_ptr, p_ptr, scale_ptr, zero_ptr, s_ptr, B, DO, DI, DIP, NQ, SPLIT,
+                            sab, sai, sgb, sgo, spq, spo, spi, ssq, ssb,
+                            APPEND_ONE: tl.constexpr, INT8: tl.constexpr, LOW: tl.constexpr,
+                            BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_I: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        """R = 1: ``S[q, b] += sum_o g[b, o] (P_q a'_b)[o]`` over this program's share of the outputs o. Each
+        output row is one 2-D product ``U (BLOCK_Q, BLOCK_B) = P[:, o, :] @ a'^T``, scaled by ``g[:, o]``: the
+        multiply-adds of the score product alone (no per-example gradient product, and no 3-D dot)."""
+        bb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        qq = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        bmask = bb < B
+        qmask = qq < NQ
+        per = tl.cdiv(DO, SPLIT)
+        o_lo = tl.program_id(2) * per
+        o_hi = tl.minimum(DO, o_lo + per)
+        if INT8:
+            zero = tl.load(zero_ptr + qq, mask=qmask, other=0.0)
+            scale = tl.load(scale_ptr + qq, mask=qmask, other=0.0)
+        acc = tl.zeros((BLOCK_Q, BLOCK_B), dtype=tl.float32)
+        for o in range(o_lo, o_hi):
+            u = tl.zeros((BLOCK_Q, BLOCK_B), dtype=tl.float32)
+            for i0 in range(0, DIP, BLOCK_I):
+                ii = i0 + tl.arange(0, BLOCK_I)
+                pmask = qmask[:, None] & (ii < DIP)[None, :]
+                p = tl.load(p_ptr + qq[:, None] * spq + o * spo + ii[None, :] * spi, mask=pmask, other=0)
+                at = tl.load(a_ptr + bb[None, :] * sab + ii[:, None] * sai,
+                             mask=bmask[None, :] & (ii < DI)[:, None], other=0.0)
+                if APPEND_ONE:
+                    at = tl.where(bmask[None, :] & (ii == DI)[:, None], 1.0, at).to(a_ptr.dtype.element_ty)
+                if INT8:
+                    p = tl.where(pmask, (p.to(tl.float32) - zero[:, None]) * scale[:, None], 0.0)
+                if LOW:
+                    u = tl.dot(p, at, u)
+                else:
+                    u = tl.dot(p.to(tl.float32), at.to(tl.float32), u, input_precision=PRECISION)
+            gv = tl.load(g_ptr + bb * sgb + o * sgo, mask=bmask, other=0.0).to(tl.float32)
+            acc += u * gv[None, :]
+        # Atomics: programs of other output shares add into the same block (see _pairwise_kernel on races)
+        tl.atomic_add(s_ptr + qq[:, None] * ssq + bb[None, :] * ssb, acc, mask=qmask[:, None] & bmask[None, :])
+
+    def pairwise_r1_config(dtype: torch.dtype, int8: bool, target: Optional[Target]):
+        """(BLOCK_B, BLOCK_Q, BLOCK_I, warps, stages) of ``_pairwise_r1_kernel``: 64 queries (a warpgroup MMA's M
+        side on sm_90) by 32 examples on 8 warps, 32-wide input tiles, 2 stages (1 for int8 queries, whose
+        2-stage variants spilled 12-24 B on sm_86 / sm_89): at most 174 registers on sm_80 to sm_90a in
+        bench/compile_check.py (4 warps, 64-wide tiles or 3 stages spilled up to 660 B)."""
+        if target is None:
+            return (16, 16, 16, 4, 1)
+        elem = torch.tensor([], dtype=dtype).element_size()
+        cands = [(32, 64, 32, 8, 1 if int8 else 2), (32, 32, 32, 4, 1)]
+        return pick(cands, target, lambda c: c[4] * (c[0] + c[1]) * c[2] * max(elem, 4))
+
     class PairwiseConfig(NamedTuple):
         block_b: int
         block_q: int
@@ -202,6 +256,18 @@ if HAS_TRITON:
             return accumulate(out, scores)
         target = device_target(a.device)
         prec = fp32_precision()
+        prec2 = "tf32" if (int8 and not interpreting()) else prec
+        if a.shape[1] == 1:
+            bb, bq, bi, warps, stages = pairwise_r1_config(dt, int8, target)
+            blocks = cdiv(b, bb) * cdiv(nq, bq)
+            nsplit = split or max(1, min(d_out, cdiv(num_programs_target(target), blocks)))
+            a1, g1 = a[:, 0], g[:, 0]
+            launch(_pairwise_r1_kernel, (cdiv(b, bb), cdiv(nq, bq), nsplit),
+                   a1, g1, p, scale if int8 else scores, zero if int8 else scores, scores, b, d_out, a.shape[-1],
+                   dip, nq, nsplit, *a1.stride(), *g1.stride(), *p.stride(), *scores.stride(),
+                   APPEND_ONE=append_one, INT8=int8, LOW=dot2_low, BLOCK_B=bb, BLOCK_Q=bq, BLOCK_I=bi,
+                   PRECISION=prec2, num_warps=warps, num_stages=stages)
+            return accumulate(out, scores)
         bb, bq, bo, bi, br, warps, stages = pairwise_config(dt, int8, target)
         blocks = cdiv(b, bb) * cdiv(nq, bq)
         n_tiles = cdiv(d_out, bo) * cdiv(dip, bi)
@@ -210,6 +276,5 @@ if HAS_TRITON:
                a, g, p, scale if int8 else scores, zero if int8 else scores, scores, b, a.shape[1], d_out,
                a.shape[-1], dip, nq, nsplit, *a.stride(), *g.stride(), *p.stride(), *scores.stride(),
                APPEND_ONE=append_one, INT8=int8, DOT2_LOW=dot2_low, BLOCK_B=bb, BLOCK_Q=bq, BLOCK_O=bo,
-               BLOCK_I=bi, BLOCK_R=br, PRECISION=prec,
-               PRECISION2="tf32" if (int8 and not interpreting()) else prec, num_warps=warps, num_stages=stages)
+               BLOCK_I=bi, BLOCK_R=br, PRECISION=prec, PRECISION2=prec2, num_warps=warps, num_stages=stages)
         return accumulate(out, scores)
