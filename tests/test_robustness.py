@@ -252,3 +252,17 @@ def test_signal_checkpoints_then_stops_and_resumes_identically(tmp_path, sig, st
                 assert torch.equal(curv.factors[n][k], again.factors[n][k]), (n, k)
     else:
         assert torch.equal(pairwise_scores(unet, resumed, curv, x[:2], x, **run), full)
+
+
+def test_task_fingerprint_is_the_same_in_every_process():
+    """A diffusers scheduler's config holds a list made from a set (its order follows the process's hash seed):
+    the task fingerprint of a checkpoint must not depend on it, or no checkpoint resumes in a new process."""
+    import subprocess
+    import sys
+
+    code = ("from diffusers import DDPMScheduler; from kfac_influence.identity import task_fingerprint; "
+            "from kfac_influence.tasks import DiffusionTask; "
+            "print(task_fingerprint(DiffusionTask(DDPMScheduler(num_train_timesteps=100), num_train_draws=2)))")
+    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (1, 2, 3)}
+    assert len(prints) == 1 and len(prints.pop()) == 16

@@ -62,11 +62,16 @@ def _settings_value(v: Any) -> Any:
         return v
     if isinstance(v, (tuple, list)):
         return [_settings_value(x) for x in v]
+    if isinstance(v, (set, frozenset)):
+        return sorted(map(repr, v))
     if isinstance(v, Mapping):
         return {str(k): _settings_value(x) for k, x in v.items()}
     config = getattr(v, "config", None)
     if isinstance(config, Mapping):
-        return {"type": type(v).__name__, "config": _settings_value(dict(config))}
+        # diffusers' private entries (e.g. _use_default_values, a list made from a set: its order changes from
+        # one process to the next) are bookkeeping, not settings
+        return {"type": type(v).__name__,
+                "config": _settings_value({k: x for k, x in config.items() if not str(k).startswith("_")})}
     return f"<{type(v).__name__}>"
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from .data_iter import get_batch, num_examples
 from .engine import model_device_dtype, use_model_mode
 
 __all__ = ["Footprint", "MemoryEstimate", "FitPlan", "measure_footprint", "estimate", "choose_draws_per_forward",
-           "plan_fit", "layer_state_bytes", "parse_bytes", "STAGES", "SCRATCH_BYTES"]
+           "plan_fit", "layer_state_bytes", "partition_state_peak", "parse_bytes", "STAGES", "SCRATCH_BYTES"]
 
 STAGES = ("fit", "scores")
 SCRATCH_BYTES = 256 << 20  # kfac_kernels' torch path: per-example scratch budget per op call (chunk_size_for)
@@ -151,7 +151,8 @@ def out_itemsize(calls, dtype) -> int:
 
 
 def estimate(fp: Footprint, stage: str, draws_per_forward: int, *, num_queries: int = 0, num_examples: int = 0,
-             int8_queries: bool = False, factor_itemsize: int = 4, fisher_vectors: int = 1) -> MemoryEstimate:
+             int8_queries: bool = False, factor_itemsize: int = 4, fisher_vectors: int = 1,
+             streamed: bool = False) -> MemoryEstimate:
     """The memory model of docs/memory.md for one stage at ``draws_per_forward`` draws per forward.
 
     fit:    fixed = params + 8 * F (float64 sums) + 2 * factor_itemsize * F (factors, eigenbases: output)
@@ -182,7 +183,11 @@ def estimate(fp: Footprint, stage: str, draws_per_forward: int, *, num_queries: 
         query_pass = num_queries * (fp.grad_numel * max(item, factor_itemsize)
                                     + largest_numel * (item + 2 * factor_itemsize))
         train_pass = num_queries * fp.grad_numel * qbytes + max(item, 4) * num_queries * num_examples
-        fixed = fp.param_bytes + factor_itemsize * fp.factor_numel + max(query_pass, train_pass)
+        # a streamed curvature (load_curvature(stream=True)) holds one layer's (Q_A, Q_G, Lambda) and the next
+        # one read ahead, instead of every factor
+        factors = 2 * max(di * di + do * do + di * do for _, di, do, _ in fp.layers) if streamed \
+            else fp.factor_numel
+        fixed = fp.param_bytes + factor_itemsize * factors + max(query_pass, train_pass)
         scratch = max(scratch, min(SCRATCH_BYTES, num_queries * largest))
         per_row = fp.act_bytes_per_row + fp.out_bytes_per_row + fp.output_numel * item + fp.unfold_bytes_per_row
     return MemoryEstimate(stage, int(draws_per_forward), int(fixed), int(per_row), int(scratch))
@@ -191,7 +196,7 @@ def estimate(fp: Footprint, stage: str, draws_per_forward: int, *, num_queries: 
 def choose_draws_per_forward(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *, stage: str = "fit",
                       config: CurvatureConfig = CurvatureConfig(), num_queries: int = 0, num_examples: int = 0,
                       int8_queries: bool = False, max_batch: int = 4096, headroom: float = 0.9,
-                      footprint: Optional[Footprint] = None) -> int:
+                      footprint: Optional[Footprint] = None, streamed: bool = False) -> int:
     """The largest draws-per-forward ``draws_per_forward`` (<= ``max_batch``) whose estimated peak fits in
     ``headroom * max_memory``. Raises ``MemoryError`` (with the breakdown) when even 1 does not fit."""
     budget = int(parse_bytes(max_memory) * headroom)
@@ -201,11 +206,11 @@ def choose_draws_per_forward(model: nn.Module, task, sample: Any, max_memory: Un
 
     def total(b):
         return estimate(fp, stage, b, num_queries=num_queries, num_examples=num_examples, int8_queries=int8_queries,
-                        factor_itemsize=fitem, fisher_vectors=nvec).total
+                        factor_itemsize=fitem, fisher_vectors=nvec, streamed=streamed).total
 
     if total(1) > budget:
         e = estimate(fp, stage, 1, num_queries=num_queries, num_examples=num_examples, int8_queries=int8_queries,
-                     factor_itemsize=fitem, fisher_vectors=nvec)
+                     factor_itemsize=fitem, fisher_vectors=nvec, streamed=streamed)
         hint = " (int8_queries=True or fewer queries per run would shrink the query gradients)" \
             if stage == "scores" and not int8_queries and num_queries else ""
         raise MemoryError(f"{stage}: even one draw per forward needs ~{e.total / 2**20:.0f} MiB (fixed "
@@ -222,13 +227,42 @@ def choose_draws_per_forward(model: nn.Module, task, sample: Any, max_memory: Un
 
 
 def layer_state_bytes(spec: LayerSpec, config: CurvatureConfig, model_dtype: torch.dtype) -> int:
-    """Bytes a layer's fit state can take at once (docs/memory.md): float64 sums of A, G and (EK-FAC) Lambda,
-    plus A, G and their eigenbases in the stored dtype (and the eigenvalue pass's bases in the model dtype)."""
+    """A layer's share of the fit's state, for balancing partitions: its float64 sums of A and G (pass 1)."""
     a, g = spec.d_in_total, spec.d_out
+    return 8 * (a * a + g * g)
+
+
+def partition_state_peak(specs: Sequence[LayerSpec], config: CurvatureConfig, model_dtype: torch.dtype,
+                         draws_bytes: int = 0) -> int:
+    """Peak bytes of the fit's state for one partition of layers, over its timeline (docs/memory.md):
+
+    pass 1        sum_l 8 (a^2 + g^2)  (float64 sums of A, G)                               + ``draws_bytes``
+    eigh of l     the sums of the layers not yet done + the results of those done + l's results so far +
+                  24 n^2 for the factor being decomposed (its eigenvectors 8 n^2 and LAPACK syevd's 16 n^2
+                  workspace; the mean is formed in place of the sum)
+    pass 2        sum_l results + 8 a g (float64 EK-FAC eigenvalue sums)                    + ``draws_bytes``
+    with a = d_in', g = d_out and results = (2 item + pass_item) (a^2 + g^2) + 16 (a + g): A, G and their
+    eigenbases in the stored dtype (and the pass's bases in the model dtype when it differs)."""
     item = torch.empty((), dtype=config.dtype).element_size()
     pass_item = torch.empty((), dtype=model_dtype).element_size() if model_dtype != config.dtype else 0
-    lam = 8 * a * g if config.method == "ekfac" else 0
-    return 8 * (a * a + g * g) + (2 * item + pass_item) * (a * a + g * g) + 16 * (a + g) + lam
+
+    def sums(s):
+        return 8 * (s.d_in_total ** 2 + s.d_out ** 2)
+
+    def results(s):
+        return (2 * item + pass_item) * (s.d_in_total ** 2 + s.d_out ** 2) + 16 * (s.d_in_total + s.d_out)
+
+    peak = sum(map(sums, specs)) + draws_bytes
+    pending, done = sum(map(sums, specs)), 0
+    for s in specs:
+        a, g = s.d_in_total, s.d_out
+        # A first, then G: during G's decomposition A's results exist and A's sum is gone
+        peak = max(peak, pending + done + 24 * a * a,
+                   pending - 8 * a * a + done + (2 * item + pass_item) * a * a + 24 * g * g)
+        pending -= sums(s)
+        done += results(s)
+    lam = sum(8 * s.d_in_total * s.d_out for s in specs) if config.method == "ekfac" else 0
+    return max(peak, done + lam + draws_bytes)
 
 
 @dataclass(frozen=True)
@@ -245,15 +279,14 @@ def plan_fit(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *
              config: CurvatureConfig = CurvatureConfig(), partitions=None, headroom: float = 0.9,
              max_batch: int = 4096, footprint: Optional[Footprint] = None) -> FitPlan:
     """The fit's plan under ``headroom * max_memory``: at most half of what the parameters leave goes to the
-    draws of one forward (activations, captured gradients, scratch), the rest to the fit's state, split into as
-    few partitions of consecutive layers as fit (``partitions``: keep these). Raises ``MemoryError`` naming the
-    layer when one layer's state alone does not fit."""
+    draws of one forward (activations, captured gradients, scratch), the rest to the fit's state
+    (``partition_state_peak``), split into as few partitions of consecutive layers as fit (``partitions``: keep
+    these). Raises ``MemoryError`` naming the layer when one layer alone does not fit."""
     budget = int(parse_bytes(max_memory) * headroom)
     fp = footprint or measure_footprint(model, task, sample, config=config)
     _, model_dtype = model_device_dtype(model)
     nvec = fp.output_numel if config.fisher == "type2" else 1
     specs = LayerCapture(select_layers(model, config.modules, config.exclude)).specs
-    state = {nm: layer_state_bytes(s, config, model_dtype) for nm, s in specs.items()}
     free = budget - fp.param_bytes
     if free <= 0:
         raise MemoryError(f"fit: the model's parameters alone ({fp.param_bytes / 2**20:.0f} MiB) exceed "
@@ -263,29 +296,31 @@ def plan_fit(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *
         e = estimate(fp, "fit", b, fisher_vectors=nvec)
         return e.per_row * b + e.scratch
 
-    largest = max(state, key=state.get)
-    room = free - state[largest]
-    if room < draws_bytes(1):
-        raise MemoryError(f"fit: layer {largest!r} alone needs {state[largest] / 2**20:.0f} MiB of fit state, and "
-                          f"one draw per forward {draws_bytes(1) / 2**20:.0f} MiB more: over the "
-                          f"{free / 2**20:.0f} MiB the parameters leave of {budget / 2**20:.0f} MiB")
-    cap = max(draws_bytes(1), min(room, free // 2))
+    def peak_of(names, b) -> int:
+        return partition_state_peak([specs[nm] for nm in names], config, model_dtype, draws_bytes(b))
+
+    alone = {nm: peak_of([nm], 1) for nm in specs}
+    largest = max(alone, key=alone.get)
+    if alone[largest] > free:
+        raise MemoryError(f"fit: layer {largest!r} alone needs {alone[largest] / 2**20:.0f} MiB (its fit state "
+                          f"and eigendecomposition, one draw per forward): over the {free / 2**20:.0f} MiB the "
+                          f"parameters leave of {budget / 2**20:.0f} MiB")
+    # draws per forward: as many as fit in half of what the parameters leave (and beside the largest layer)
+    cap = max(draws_bytes(1), min(free - (alone[largest] - draws_bytes(1)), free // 2))
     lo, hi = 1, max_batch
     while lo < hi:  # draws_bytes is non-decreasing
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if draws_bytes(mid) <= cap else (lo, mid - 1)
     per_forward = lo
-    state_budget = free - draws_bytes(per_forward)
     if partitions is None:
-        parts, cur, acc = [], [], 0
+        parts, cur = [], []
         for nm in specs:
-            if cur and acc + state[nm] > state_budget:
+            if cur and peak_of(cur + [nm], per_forward) > free:
                 parts.append(tuple(cur))
-                cur, acc = [], 0
+                cur = []
             cur.append(nm)
-            acc += state[nm]
         parts.append(tuple(cur))
     else:
         parts = [tuple(p) for p in partitions]
-    biggest = max(sum(state[nm] for nm in p) for p in parts)
-    return FitPlan(per_forward, tuple(parts), fp.param_bytes + draws_bytes(per_forward) + biggest)
+    biggest = max(peak_of(list(p), per_forward) for p in parts)
+    return FitPlan(per_forward, tuple(parts), fp.param_bytes + biggest)

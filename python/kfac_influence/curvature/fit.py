@@ -119,15 +119,16 @@ def _result_layout(spec: LayerSpec, config: CurvatureConfig, model_dtype: torch.
     return out
 
 
-def _layer_results(sum_a: torch.Tensor, count_a: int, sum_g: torch.Tensor, draws: int, config: CurvatureConfig,
+def _layer_results(sums: List[torch.Tensor], count_a: int, draws: int, config: CurvatureConfig,
                    model_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """One layer's factor results from its float64 sums: A (sum over input rows / their count) and G (sum /
-    number of draws) in ``config.dtype``; QA, QG (eigenvectors from float64 eigh, contiguous) in
+    """One layer's factor results from its float64 sums ``[sum_A, sum_G]`` (consumed: taken from the list and
+    freed as they are used, as memory.partition_state_peak counts): A (sum over input rows / their count) and G
+    (sum / number of draws) in ``config.dtype``; QA, QG (eigenvectors from float64 eigh, contiguous) in
     ``config.dtype``; sA, sG (eigenvalues, float64); for EK-FAC with a model dtype other than ``config.dtype``,
     QA_pass and QG_pass: the eigenvalue pass's bases, rounded from float64 to the model dtype."""
     out = {}
-    for which, total, count in (("A", sum_a, count_a), ("G", sum_g, draws)):
-        mean = total / max(1, count)
+    for which, count in (("A", count_a), ("G", draws)):
+        mean = sums.pop(0).div_(max(1, count))  # the mean in place of the sum
         s, q = _eig(mean)
         out[which] = mean.to(config.dtype)
         out[f"s{which}"] = s
@@ -136,6 +137,7 @@ def _layer_results(sum_a: torch.Tensor, count_a: int, sum_g: torch.Tensor, draws
         out[f"Q{which}"] = q.to(config.dtype).contiguous()
         if config.method == "ekfac" and model_dtype != config.dtype:
             out[f"Q{which}_pass"] = q.to(model_dtype).contiguous()
+        del mean, q, s
     return out
 
 
@@ -165,15 +167,15 @@ def _finish_factors(state: _FitState, specs: Dict[str, LayerSpec], config: Curva
         total = dict(zip(keys, (int(c) for c in counts.tolist())))
         results = {}
         for i, nm in enumerate(names):
-            sum_a, sum_g = state.sums.pop(f"{nm}::A"), state.sums.pop(f"{nm}::G")
-            shard.all_reduce([sum_a, sum_g])
+            pair = [state.sums.pop(f"{nm}::A"), state.sums.pop(f"{nm}::G")]
+            shard.all_reduce(pair)
             owner = i % shard.world_size
-            if owner == shard.rank:
-                layer = _layer_results(sum_a, total[f"{nm}::A"], sum_g, total["draws"], config, model_dtype)
+            if owner == shard.rank:  # consumes the sums: each goes as soon as its results exist
+                layer = _layer_results(pair, total[f"{nm}::A"], total["draws"], config, model_dtype)
             else:
+                pair.clear()
                 layer = {k: torch.empty(shape, dtype=dt, device=device)
                          for k, (shape, dt) in _result_layout(specs[nm], config, model_dtype).items()}
-            del sum_a, sum_g  # each layer's float64 sums go as soon as its results exist
             shard.broadcast([layer[k] for k in sorted(layer)], owner)
             results.update({f"{nm}::{k}": v for k, v in layer.items()})
     if not had:
