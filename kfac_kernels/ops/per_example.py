@@ -44,9 +44,9 @@ def per_example_gradient_parts(a, g: torch.Tensor, *, append_one: bool = False):
 
 def grouped_conv_wins(p: ConvPatches, d_out: int) -> bool:
     """Whether the grouped-convolution weight-gradient beats unfold + einsum on a CPU for these per-example
-    gradients. Measured (bench/RESULTS.md, 1 thread, B = 16-32): 1.03-4.5x faster for C_in >= C_out up to 160
-    channels and for >= 1024 output positions; 0.3-0.8x for wider layers on few positions (256 channels at
-    8x8 or 4x4) and for C_out > C_in (oneDNN's grouped kernel, not the arithmetic)."""
+    gradients: faster for C_in >= C_out up to 160 channels and for >= 1024 output positions, slower for wider
+    layers on few positions and for C_out > C_in (oneDNN's grouped kernel, not the arithmetic); the
+    measurements behind the rule are in bench/RESULTS.md."""
     c_in = p.x.shape[1]
     return (d_out <= c_in <= 160) or p.shape[1] >= 1024
 
@@ -86,8 +86,7 @@ def rotate_inputs(a: torch.Tensor, q_a: torch.Tensor, append_one: bool, square: 
 def rotate_patches(p: ConvPatches, q_a: torch.Tensor, append_one: bool, square: bool = True) -> torch.Tensor:
     """``[rows(p), 1] @ q_a`` transposed, ``(B, D_in', R)``, as one convolution of ``p.x`` whose D_in' output
     channels are the columns of q_a (the ones row enters as the bias): the same multiply-adds as unfolding and
-    multiplying, without the (B, R, C*kh*kw) patch tensor, at the convolution's speed (on a CPU the whole
-    eigenvalue correction of a 3x3 conv at 8x8 positions got 1.2-1.3x faster, bench/RESULTS.md)."""
+    multiplying, without the (B, R, C*kh*kw) patch tensor, at the convolution's speed (bench/RESULTS.md)."""
     b, c = p.x.shape[:2]
     d_in = p.shape[-1]
     _check_q_a(q_a, d_in, append_one, square)
