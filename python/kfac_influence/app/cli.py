@@ -51,6 +51,11 @@ def _opt_int(text: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}") from None
 
 
+def _opt_bool(text: str) -> Optional[bool]:
+    """true/false, or 'auto' / 'none' for unset."""
+    return None if text.lower() in ("auto", "none") else _bool(text)
+
+
 def _opt_str(text: str) -> Optional[str]:
     return None if text.lower() in ("", "none") else text
 
@@ -75,10 +80,14 @@ OPTIONS = {
          "use a seeded random subset of this many examples ('none': all)"),
         (("--data-seed",), "data", "seed", int, None, "seed of the --limit subset"),
         (("--channels",), "data", "channels", _opt_int, None, "force 1 (grey) or 3 (RGB) channels ('none': infer)"),
+        (("--labels",), "data", "labels", _opt_bool, None,
+         "class-conditional run: train, sample and attribute with class labels (digits: the digit; a folder: one "
+         "sub-folder per class; .npz: its 'labels'); 'auto' (none): on when the --model has class embeddings"),
     ],
     "model": [
         (("--model",), "model", "spec", str, None,
-         "model: preset (digits-tiny, cifar-ddpm), a .json UNet2DModel config or a local diffusers folder"),
+         "model: preset (digits-tiny, digits-cond: class-conditional, cifar-ddpm), a .json UNet2DModel config or "
+         "a local diffusers folder"),
         (("--model-seed",), "model", "seed", int, None, "initialisation seed of a preset/JSON model"),
         (("--timesteps",), "scheduler", "num_train_timesteps", int, None, "diffusion steps T"),
         (("--beta-start",), "scheduler", "beta_start", float, None, "first beta of the linear schedule"),
@@ -95,6 +104,8 @@ OPTIONS = {
         (("--checkpoint-every", "--checkpoint-steps"), "train", "checkpoint_every", int, None,
          "train: optimiser steps between checkpoints (fit and score: --checkpoint-seconds)"),
         (("--seed",), "train", "seed", int, None, "training seed (batches, timesteps, noise, dropout)"),
+        (("--condition-dropout",), "train", "condition_dropout", float, None,
+         "class-conditional runs: probability a training label is replaced by the null class, in [0, 1)"),
     ],
     "sample": [
         (("--num-queries",), "sample", "num_queries", int, None, "generated images to attribute"),
@@ -102,6 +113,8 @@ OPTIONS = {
         (("--sample-steps",), "sample", "num_inference_steps", _opt_int, None, "DDPM sampling steps ('none': all T)"),
         (("--sample-batch-size",), "sample", "batch_size", int, None, "images per sampling batch"),
         (("--record-trajectory",), "sample", "record_trajectory", _bool, None, "keep the sampling trajectories"),
+        (("--guidance-scale",), "sample", "guidance_scale", float, None,
+         "class-conditional runs: classifier-free guidance s (1: none; s > 1 guides); query k gets class k %% K"),
     ],
     "fit": [
         (("--method",), "fit.curvature", "method", str, ("ekfac", "kfac"), "curvature approximation"),
@@ -306,9 +319,10 @@ def _run(args: argparse.Namespace) -> int:
             summary = json.load(f)
         cm = summary.get("class_match")
         if cm:
+            how = " (exact: each query's class is its condition)" if cm.get("exact") else ""
             print(f"top-{cm['k']} positive influences sharing the query's class: "
                   f"{cm['top_positive_same_class']:.3f} (negative: {cm['top_negative_same_class']:.3f}, "
-                  f"chance: {cm['chance']:.3f})")
+                  f"chance: {cm['chance']:.3f}){how}")
         print(f"report: {report}")
     return 0
 

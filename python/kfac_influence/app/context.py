@@ -4,6 +4,7 @@ and the draws per forward pass (from the settings, or from ``--max-memory``)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Callable, Optional
 
 from ..curvature import Curvature, load_curvature
@@ -13,7 +14,7 @@ from ..memory import choose_draws_per_forward
 from ..storage import load_tensors
 from ..tasks import DiffusionTask
 from .layout import StageError
-from .settings import RunConfig
+from .settings import RunConfig, class_conditional, model_class_embeds
 
 __all__ = ["RunContext"]
 
@@ -34,10 +35,52 @@ class RunContext:
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the run is class-conditional (``settings.class_conditional``)."""
+        return class_conditional(self.config)
+
     def data(self) -> ImageDataset:
+        """The training data; with labels (required) in a class-conditional run."""
         if self._data is None:
-            self._data = load_dataset(self.config.data)
+            self._data = load_dataset(replace(self.config.data, labels=self.conditional or None))
         return self._data
+
+    def num_classes(self) -> int:
+        """K, the classes of the training data (its class names, else the largest label + 1)."""
+        data = self.data()
+        return len(data.class_names) if data.class_names else int(data.labels.max()) + 1
+
+    def null_label(self) -> int:
+        """The null condition's label: the model's last class embedding (``num_class_embeds - 1``)."""
+        return model_class_embeds(self.config) - 1
+
+    def check_condition(self) -> None:
+        """Raise a one-line StageError unless data, model and settings agree: a class-conditional run needs a
+        model with ``num_class_embeds`` >= K + 1 (K data classes, the last embedding the null class) and labelled
+        data; an unconditional one a model without class embeddings and guidance scale 1."""
+        embeds = model_class_embeds(self.config)
+        spec = self.config.model.spec
+        if not self.conditional:
+            if embeds is not None:
+                raise StageError(f"--model {spec} is class-conditional (num_class_embeds={embeds}) but --labels is "
+                                 f"off; use --labels true (or auto)")
+            if self.config.sample.guidance_scale != 1.0:
+                raise StageError("--guidance-scale needs a class-conditional run (--labels and a model with class "
+                                 "embeddings, e.g. --model digits-cond)")
+            return
+        if embeds is None:
+            raise StageError(f"--labels needs a class-conditional model (num_class_embeds = classes + 1, the last "
+                             f"one the null class), e.g. --model digits-cond; --model {spec} has no class embedding")
+        k = self.num_classes()
+        if k + 1 > embeds:
+            raise StageError(f"the data has {k} classes but --model {spec} has num_class_embeds={embeds}; it needs "
+                             f"at least {k + 1} (one more for the null class {embeds - 1})")
+
+    def train_data(self):
+        """What the tasks take as training data: the images, or ``(images, labels)`` in a class-conditional run."""
+        data = self.data()
+        return (data.images, data.labels) if self.conditional else data.images
 
     def initial_model(self):
         """The model to train (a preset, a JSON config or a diffusers folder) and its scheduler, on the CPU."""
@@ -73,7 +116,8 @@ class RunContext:
             raise StageError(f"{str(exc).splitlines()[0]}; rerun its stage with --force") from None
 
     def samples(self) -> dict:
-        """``{"images": (Q, C, H, W), "seeds": (Q,), "timesteps": (S,)[, "trajectory": (Q, S + 1, C, H, W)]}``."""
+        """``{"images": (Q, C, H, W), "seeds": (Q,), "timesteps": (S,)[, "trajectory": (Q, S + 1, C, H, W)]
+        [, "labels": (Q,) the class each query was generated for (class-conditional runs)]}``."""
         return self._tensors("samples", "samples.safetensors")[0]
 
     def scores(self) -> dict:
@@ -88,6 +132,8 @@ class RunContext:
         sc = self.config.score
         extra = {} if trajectory_timesteps is None else {"trajectory_timesteps": trajectory_timesteps}
         variance_reduced = sc.draws == "stratified-antithetic"
+        if self.conditional:
+            extra["condition"] = "class"
         return DiffusionTask(scheduler, num_train_draws=sc.num_train_draws, num_query_draws=sc.num_query_draws,
                              measurement=sc.measurement, seed=sc.seed, stratified=variance_reduced,
                              antithetic=variance_reduced, **extra)
@@ -114,7 +160,9 @@ class RunContext:
         if budget is None:
             return default
         try:
-            return choose_draws_per_forward(model, task, self.data().images[:2], budget, stage=stage,
+            sample = self.train_data()
+            sample = tuple(v[:2] for v in sample) if isinstance(sample, tuple) else sample[:2]
+            return choose_draws_per_forward(model, task, sample, budget, stage=stage,
                                             config=self.config.fit.curvature, **sizes)
         except MemoryError as exc:
             raise StageError(f"--max-memory {budget}: {exc}") from None

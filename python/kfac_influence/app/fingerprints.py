@@ -2,7 +2,9 @@
 
 A stage's fingerprint is a hash of its own settings and of the fingerprints of the stages it reads:
 
-    train   data (but its source path), model, scheduler, train
+    train   data (but its source path; labels as the resolved class-conditional flag), model, scheduler, train
+            (condition_dropout and the sample's guidance_scale only for class-conditional runs, so unconditional
+            runs keep the fingerprints of versions without them)
     sample  train + sample (+ whether trajectories are recorded) + the samples file layout
     fit     train + fit (curvature config, draws per forward) + the draw scheme + model_mode
             (+ the score's num_train_draws when the curvature config leaves num_draws to the task)
@@ -28,7 +30,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .settings import RunConfig
+from .settings import RunConfig, class_conditional
 
 __all__ = ["fingerprints", "needs_trajectory", "environment"]
 
@@ -53,9 +55,16 @@ def needs_trajectory(config: RunConfig) -> bool:
 def fingerprints(config: RunConfig) -> Dict[str, str]:
     """Fingerprint per stage (16 hex digits)."""
     d = config.to_dict()
-    data = {k: v for k, v in d["data"].items() if k != "source"}  # its content is an input identity instead
-    fp = {"train": _hash({"data": data, "model": d["model"], "scheduler": d["scheduler"], "train": d["train"]})}
-    fp["sample"] = _hash({"train": fp["train"], "sample": d["sample"], "traj": needs_trajectory(config),
+    # the source's content is an input identity instead; labels enter as the resolved class-conditional flag
+    data = {k: v for k, v in d["data"].items() if k not in ("source", "labels")}
+    train, sample = dict(d["train"]), dict(d["sample"])
+    if class_conditional(config):
+        data["labels"] = True
+    else:  # settings an unconditional run ignores: its fingerprints are those of earlier versions
+        train.pop("condition_dropout", None)
+        sample.pop("guidance_scale", None)
+    fp = {"train": _hash({"data": data, "model": d["model"], "scheduler": d["scheduler"], "train": train})}
+    fp["sample"] = _hash({"train": fp["train"], "sample": sample, "traj": needs_trajectory(config),
                           "layout": FILE_LAYOUT})
     fit = {"train": fp["train"], "fit": d["fit"], "model_mode": config.model_mode, "draws": config.score.draws}
     if config.fit.curvature.num_draws is None:

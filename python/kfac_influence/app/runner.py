@@ -110,8 +110,9 @@ class Pipeline:
 
     # -- checks before anything is written -----------------------------------------------------------------------
     def preflight(self, stages_: Tuple[str, ...], force: bool = False) -> None:
-        """Everything that can be checked before a file is touched: the device, the data, the model against the
-        data's image size, and that the folders of the stages of ``stages_`` that will run (not up to date, or
+        """Everything that can be checked before a file is touched: the device, the data, the data's labels
+        against the model's class embeddings (``RunContext.check_condition``), the model against the data's image
+        size, and that the folders of the stages of ``stages_`` that will run (not up to date, or
         ``force``) hold no foreign files (``run_stage`` checks again, for stages rerun because an earlier one
         changed its outputs). Raises one-line errors."""
         self.ctx.device  # noqa: B018  (resolved and validated in RunContext)
@@ -122,6 +123,7 @@ class Pipeline:
                 raise StageError(f"--out {self.out} is inside the training data folder {source}: the run's own "
                                  f"images would become training data; use an --out outside it")
         c, h, w = self.ctx.data().shape
+        self.ctx.check_condition()  # labels, class embeddings and guidance agree
         will_run = [st for st in stages_ if force or self.why_not_done(st) is not None]
         if "train" in will_run:
             spec = self.config.model.spec

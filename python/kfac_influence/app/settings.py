@@ -20,14 +20,14 @@ import torch
 from ..curvature import CurvatureConfig
 from ..curvature.damping import Damping
 from ..diffusion.data import DataConfig
-from ..diffusion.models import SchedulerConfig
+from ..diffusion.models import ModelError, SchedulerConfig, model_config, num_class_embeds
 from ..diffusion.training import TrainConfig
 from ..engine import MODEL_MODES
 from ..memory import parse_bytes
 from ..tasks.diffusion import MEASUREMENTS
 
 __all__ = ["ModelConfig", "SampleConfig", "FitConfig", "ScoreConfig", "ReportConfig", "RunConfig", "DRAW_SCHEMES",
-           "to_dict", "upgrade_settings"]
+           "to_dict", "upgrade_settings", "class_conditional", "model_class_embeds"]
 
 DRAW_SCHEMES = ("stratified-antithetic", "plain")
 
@@ -44,15 +44,23 @@ class ModelConfig:
 class SampleConfig:
     """num_queries: generated images to attribute; seed: sample k uses seed + k; num_inference_steps: DDPM steps
     (None: all T); batch_size: images per sampling batch; record_trajectory: keep the ancestral trajectories (needed
-    by the ``sampling_trajectory_logprob`` measurement, which turns it on)."""
+    by the ``sampling_trajectory_logprob`` measurement, which turns it on). Class-conditional runs: query k is
+    generated for class ``k % K`` (K classes in the data); guidance_scale: classifier-free guidance in diffusers'
+    convention, ``s eps(x, t, c) + (1 - s) eps(x, t, null)``: 1 is plain conditional sampling, s > 1 guides
+    (unconditional runs refuse s != 1). A query is measured under its own class whatever s was
+    (docs/conditional.md)."""
 
     num_queries: int = 16
     seed: int = 10_000
     num_inference_steps: Optional[int] = None
     batch_size: int = 64
     record_trajectory: bool = False
+    guidance_scale: float = 1.0
 
     def __post_init__(self):
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g < float("inf"):
+            raise ValueError(f"guidance scale must be a finite number >= 0 (1: no guidance), got {g!r}")
         if self.num_queries < 1 or self.batch_size < 1:
             raise ValueError("num_queries and the sampling batch size must be >= 1")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
@@ -183,6 +191,24 @@ class RunConfig:
         elif device.type != "cpu":
             raise ValueError(f"--device {self.device}: only cpu and cuda devices are supported")
         return device
+
+
+def model_class_embeds(config: RunConfig) -> Optional[int]:
+    """``num_class_embeds`` of the run's ``--model`` (preset, JSON config or folder; read without building it),
+    None for a model without class embeddings or a spec that cannot be read (its stage reports that)."""
+    try:
+        return num_class_embeds(model_config(config.model.spec))
+    except ModelError:
+        return None
+
+
+def class_conditional(config: RunConfig) -> bool:
+    """Whether the run is class-conditional: ``data.labels`` when set, else ("auto") whether the model has class
+    embeddings. A class-conditional run trains with labels and condition dropout, generates its queries per class
+    and attributes them under their class (``Pipeline.preflight`` checks that data and model agree)."""
+    if config.data.labels is not None:
+        return bool(config.data.labels)
+    return model_class_embeds(config) is not None
 
 
 def to_dict(config) -> dict:

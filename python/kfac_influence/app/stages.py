@@ -34,18 +34,27 @@ SCORE_CONVENTION = ("S[q, n] > 0: removing training example n is predicted to ra
                     "(for loss: make the query less likely)")
 
 
-def query_names(seeds) -> list:
-    """A name per query for outputs meant for people: ``query_000 (seed 10000)``."""
-    return [f"query_{q:03d} (seed {int(s)})" for q, s in enumerate(seeds)]
+def query_names(seeds, labels=None) -> list:
+    """A name per query for outputs meant for people: ``query_000 (seed 10000)``, ``query_000 (seed 10000,
+    class 3)`` for a query generated for class 3."""
+    return [f"query_{q:03d} (seed {int(s)}" + ("" if labels is None else f", class {int(labels[q])}") + ")"
+            for q, s in enumerate(seeds)]
+
+
+def class_names(data, k: int) -> tuple:
+    """The names of the data's K classes (the folder names, the digits), else "0".."K-1"."""
+    return tuple(data.class_names) if data.class_names else tuple(str(c) for c in range(k))
 
 
 def train(ctx: RunContext, d: str, checkpoints: str) -> str:
     """Train the initial model; write the EMA model (``pipeline/``) and the losses. Produces: the EMA weights'
     fingerprint."""
+    ctx.check_condition()
     model, scheduler = ctx.initial_model()
     model.to(ctx.device)
+    cond = {"labels": ctx.data().labels, "null_label": ctx.null_label()} if ctx.conditional else {}
     result = train_model(model, scheduler, ctx.data().images, ctx.config.train, checkpoint_dir=checkpoints,
-                         progress=ctx.progress, device=ctx.device)
+                         progress=ctx.progress, device=ctx.device, **cond)
     ema = result.model.cpu()
     save_pipeline(ema, scheduler, os.path.join(d, "pipeline"))
     atomic_write_json(os.path.join(d, "losses.json"), {"resumed_from": result.resumed_from,
@@ -57,20 +66,32 @@ def train(ctx: RunContext, d: str, checkpoints: str) -> str:
 
 
 def sample(ctx: RunContext, d: str, checkpoints: str) -> str:
-    """Generate the queries; write ``samples.safetensors`` (with the queries' names) and ``samples.png``.
-    Produces: the samples' fingerprint."""
+    """Generate the queries; write ``samples.safetensors`` (with the queries' names; in a class-conditional run
+    also ``labels`` (Q,): query k is generated for class ``k % K``, with the sample settings' guidance scale) and
+    ``samples.png``. Produces: the samples' fingerprint."""
     model, scheduler = ctx.trained()
     s = ctx.config.sample
+    cond, header = {}, {}
+    if ctx.conditional:
+        ctx.check_condition()
+        k = ctx.num_classes()
+        cond = {"class_labels": torch.arange(s.num_queries, dtype=torch.long) % k,
+                "guidance_scale": s.guidance_scale, "null_label": ctx.null_label()}
+        header = {"class_names": list(class_names(ctx.data(), k)), "null_label": ctx.null_label()}
     res = ddpm_sample(model, scheduler, s.num_queries, ctx.data().shape, seed=s.seed, batch_size=s.batch_size,
                       num_inference_steps=s.num_inference_steps, record_trajectory=needs_trajectory(ctx.config),
-                      progress=ctx.progress, device=ctx.device)
+                      progress=ctx.progress, device=ctx.device, **cond)
     tensors = {"images": res.images, "seeds": res.seeds, "timesteps": res.timesteps}
     if res.trajectory is not None:
         tensors["trajectory"] = res.trajectory
+    if res.labels is not None:
+        tensors["labels"] = res.labels
     save_tensors(os.path.join(d, "samples.safetensors"), tensors,
-                 {"kind": "samples", "settings": to_dict(s), "query_names": query_names(res.seeds)})
+                 {"kind": "samples", "settings": to_dict(s), "query_names": query_names(res.seeds, res.labels),
+                  **header})
     samples_figure(os.path.join(d, "samples.png"), res.images,
-                   [f"q{i} s{int(x)}" for i, x in enumerate(res.seeds)])
+                   [f"q{i} s{int(x)}" + ("" if res.labels is None else f" c{int(res.labels[i])}")
+                    for i, x in enumerate(res.seeds)])
     return tensors_fingerprint([tensors])
 
 
@@ -81,7 +102,7 @@ def fit(ctx: RunContext, d: str, checkpoints: str) -> str:
     f = ctx.config.fit
     task = ctx.task()
     draws = ctx.draws_per_forward(model, task, "fit", f.draws_per_forward)
-    curvature = fit_curvature(model, task, ctx.data().images, f.curvature, draws_per_forward=draws,
+    curvature = fit_curvature(model, task, ctx.train_data(), f.curvature, draws_per_forward=draws,
                               checkpoint_dir=checkpoints, progress=ctx.progress, model_mode=ctx.config.model_mode,
                               checkpoint_seconds=ctx.config.checkpoint_seconds)
     curvature.save(os.path.join(d, "curvature.safetensors"))
@@ -103,7 +124,13 @@ def score(ctx: RunContext, d: str, checkpoints: str) -> str:
     data = ctx.data()
     draws = ctx.draws_per_forward(model, task, "scores", sc.draws_per_forward, num_queries=len(queries),
                                   num_examples=len(data.images))
-    scores = pairwise_scores(model, task, curvature, queries.to(ctx.device), data.images, draws_per_forward=draws,
+    query_data = queries.to(ctx.device)
+    if ctx.conditional:
+        if "labels" not in samples:
+            raise StageError("the samples have no labels (generated by an unconditional run?); rerun the sample "
+                             "stage with --force")
+        query_data = (query_data, samples["labels"].to(ctx.device))  # each query under its own class
+    scores = pairwise_scores(model, task, curvature, query_data, ctx.train_data(), draws_per_forward=draws,
                              damping=sc.damping, damping_mode=sc.damping_mode, progress=ctx.progress,
                              model_mode=ctx.config.model_mode, checkpoint_dir=checkpoints,
                              checkpoint_seconds=ctx.config.checkpoint_seconds)
@@ -114,7 +141,8 @@ def score(ctx: RunContext, d: str, checkpoints: str) -> str:
                  {"scores": scores, "train_ids": data.ids, "query_ids": samples["seeds"]},
                  {"kind": "scores", "measurement": sc.measurement, "settings": to_dict(sc),
                   "curvature": ctx.curvature_path(), "convention": SCORE_CONVENTION,
-                  "train_names": list(data.names()), "query_names": query_names(samples["seeds"])})
+                  "train_names": list(data.names()),
+                  "query_names": query_names(samples["seeds"], samples.get("labels"))})
     return tensors_fingerprint([scores])
 
 

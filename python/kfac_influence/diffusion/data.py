@@ -27,6 +27,7 @@ __all__ = [
     "load_dataset",
     "load_digits_dataset",
     "load_image_folder",
+    "folder_labels",
     "load_npz",
     "resize_images",
 ]
@@ -126,6 +127,11 @@ class DataConfig:
     limit: use only ``limit`` (>= 1) examples, a seeded random subset (``None``: all of them); ids are kept.
     seed: seed of that subset.
     channels: force 1 (grey) or 3 (RGB) for an image folder; ``None``: infer, mixed channel counts are an error.
+    labels: class labels are required (``True``: the digits' digit, an ``.npz``'s ``labels`` array, or for an
+        image folder one sub-folder per class, torchvision's ``ImageFolder`` convention: class index = position
+        of the sub-folder's name in sorted order); ``False`` / ``None``: not required (a folder then has no
+        labels). The pipeline resolves ``None`` ("auto") to whether the model is class-conditional
+        (``kfac_influence.app.settings.class_conditional``).
     """
 
     source: str = "digits"
@@ -133,8 +139,11 @@ class DataConfig:
     limit: Optional[int] = None
     seed: int = 0
     channels: Optional[int] = None
+    labels: Optional[bool] = None
 
     def __post_init__(self):
+        if self.labels not in (None, True, False):
+            raise DataError(f"labels must be true, false or none (auto), got {self.labels!r}")
         if not isinstance(self.source, str) or not self.source:
             raise DataError("data source must be 'digits', a folder or an .npz file")
         if self.image_size is not None and (int(self.image_size) != self.image_size or self.image_size < 1):
@@ -218,12 +227,31 @@ def _read_image(path: str, channels: Optional[int], size: Optional[int]) -> np.n
     return arr / 127.5 - 1.0
 
 
-def load_image_folder(root: str, image_size: Optional[int] = None, channels: Optional[int] = None) -> ImageDataset:
+def folder_labels(rel_paths) -> Tuple[torch.Tensor, Tuple[str, ...]]:
+    """Class labels of images at relative paths ``class/.../file.png`` (torchvision's ``ImageFolder``
+    convention): the class is the first path component, its index the position of that name among the sorted
+    names of the sub-folders holding images. Returns ``(labels (N,) int64, class_names)``; an image directly in
+    the root is a ``DataError``."""
+    top = []
+    for r in rel_paths:
+        parts = r.replace(os.sep, "/").split("/")
+        if len(parts) < 2:
+            raise DataError(f"{r}: labelled image folders need one sub-folder per class (class/image.png); this "
+                            f"image is in the top folder")
+        top.append(parts[0])
+    names = tuple(sorted(set(top)))
+    index = {c: i for i, c in enumerate(names)}
+    return torch.tensor([index[c] for c in top], dtype=torch.long), names
+
+
+def load_image_folder(root: str, image_size: Optional[int] = None, channels: Optional[int] = None,
+                      labels: bool = False) -> ImageDataset:
     """All PNG/JPEG files under ``root`` (recursive, sorted by relative path), as ``(N, C, S, S)`` in [-1, 1].
 
     Grey images give C = 1 and colour images C = 3; with ``channels=None`` a folder mixing the two is an error
     (naming the first file that differs). ``image_size=None`` requires all images to have the same size.
-    Labels are not set; ``paths`` holds the relative path of each image; ids are ``0..N-1`` in path order.
+    ``paths`` holds the relative path of each image; ids are ``0..N-1`` in path order. Labels: with
+    ``labels=True`` from the sub-folders (``folder_labels``: one per class, sorted names), else not set.
     """
     if not os.path.exists(root):
         raise DataError(f"{root}: no such file or folder")
@@ -246,8 +274,9 @@ def load_image_folder(root: str, image_size: Optional[int] = None, channels: Opt
                                 f"{first.shape[1]}x{first.shape[2]} (pass an image size to resize)")
         arrays.append(arr)
     images = torch.from_numpy(np.stack(arrays)).contiguous()
-    return ImageDataset(images=images, ids=torch.arange(len(rel), dtype=torch.long), paths=tuple(rel),
-                        source=os.path.abspath(root))
+    y, class_names = folder_labels(rel) if labels else (None, None)
+    return ImageDataset(images=images, ids=torch.arange(len(rel), dtype=torch.long), labels=y, paths=tuple(rel),
+                        source=os.path.abspath(root), class_names=class_names)
 
 
 def load_npz(path: str, image_size: Optional[int] = None) -> ImageDataset:
@@ -309,7 +338,11 @@ def load_dataset(config: DataConfig) -> ImageDataset:
         if config.channels is not None and data.images.shape[1] != config.channels:
             raise DataError(f"{src}: has {data.images.shape[1]} channel(s), expected {config.channels}")
     else:
-        data = load_image_folder(src, config.image_size, config.channels)
+        data = load_image_folder(src, config.image_size, config.channels, labels=bool(config.labels))
+    if config.labels and data.labels is None:
+        raise DataError(f"{src}: labels were asked for but the data has none (an .npz needs a 'labels' array)")
+    if config.labels and data.labels.numel() and int(data.labels.min()) < 0:
+        raise DataError(f"{src}: class labels must be >= 0, got {int(data.labels.min())}")
     if config.limit is not None and config.limit < len(data):
         g = torch.Generator().manual_seed(int(config.seed))
         index = torch.randperm(len(data), generator=g)[: config.limit].sort().values

@@ -2,7 +2,8 @@
 
 A model spec is one of
   * a preset name: ``digits-tiny`` (a ~0.7M-parameter UNet2DModel for 8x8 grey digits, a few minutes of training
-    on 2 CPU cores) or ``cifar-ddpm`` (the DDPM CIFAR-10 UNet of Ho et al. used by Mlodozeniec et al.: 32x32,
+    on 2 CPU cores), ``digits-cond`` (the same UNet with ``num_class_embeds=11``: the 10 digit classes and the
+    null class 10 of classifier-free guidance) or ``cifar-ddpm`` (the DDPM CIFAR-10 UNet of Ho et al. used by Mlodozeniec et al.: 32x32,
     channels 128/256/256/256, 2 ResNet layers per block, attention at 16x16, dropout 0.1, ~36M parameters);
   * a ``.json`` file holding ``UNet2DModel`` keyword arguments (a diffusers ``config.json`` works);
   * a local folder saved by diffusers: ``UNet2DModel.save_pretrained`` (``config.json`` + weights) or
@@ -33,6 +34,7 @@ __all__ = [
     "downsampling_factor",
     "check_image_size",
     "check_finite_weights",
+    "num_class_embeds",
 ]
 
 
@@ -53,6 +55,21 @@ PRESETS = {
         norm_num_groups=8,
         attention_head_dim=None,
         dropout=0.0,
+    ),
+    # digits-tiny with a class embedding: 10 digit classes plus the null class 10 (classifier-free guidance;
+    # trained with condition dropout, the pipeline's TrainConfig.condition_dropout). Same cost as digits-tiny.
+    "digits-cond": dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=None,
+        dropout=0.0,
+        num_class_embeds=11,
     ),
     # The DDPM CIFAR-10 architecture (Ho et al. 2020), as used by Mlodozeniec et al. (2025).
     "cifar-ddpm": dict(
@@ -156,6 +173,14 @@ def model_config(spec: str) -> dict:
             raise ModelError(f"{spec}: no such file")
         return _read_json_config(spec)
     raise ModelError(f"{spec}: not a preset ({', '.join(PRESETS)}), a .json config or a model folder")
+
+
+def num_class_embeds(config: dict) -> Optional[int]:
+    """The number of class embeddings of a ``UNet2DModel`` config (``num_class_embeds``), None for a model without
+    a class embedding table. A class-conditional model of this package reserves the last one, ``K - 1``, for the
+    null condition of classifier-free guidance."""
+    k = config.get("num_class_embeds")
+    return None if k is None else int(k)
 
 
 def downsampling_factor(config: dict) -> int:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..tasks.ddpm import default_timesteps, prev_timesteps, transition
+from ..tasks.ddpm import default_timesteps, guided_epsilon, prev_timesteps, transition
 
 __all__ = ["SampleResult", "default_timesteps", "transition", "ddpm_sample", "trajectory_logprob"]
 
@@ -22,19 +22,41 @@ __all__ = ["SampleResult", "default_timesteps", "transition", "ddpm_sample", "tr
 @dataclass
 class SampleResult:
     """``images``: ``(B, C, H, W)`` generated images in [-1, 1]; ``seeds``: ``(B,)`` the seed of each sample;
-    ``timesteps``: ``(S,)`` the decreasing timesteps used; ``trajectory``: ``(B, S + 1, C, H, W)`` or None."""
+    ``timesteps``: ``(S,)`` the decreasing timesteps used; ``trajectory``: ``(B, S + 1, C, H, W)`` or None;
+    ``labels``: ``(B,)`` the class each sample was generated for (class-conditional sampling), or None."""
 
     images: torch.Tensor
     seeds: torch.Tensor
     timesteps: torch.Tensor
     trajectory: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+
+
+class _Guided(torch.nn.Module):
+    """``model`` under classifier-free guidance: called as ``(x, t, class_labels=y)``, returns
+    ``s eps(x, t, y) + (1 - s) eps(x, t, null)`` (``tasks.ddpm.guided_epsilon`` with ``w = s - 1``)."""
+
+    def __init__(self, model, null_label: int, guidance_scale: float):
+        super().__init__()
+        self.model, self.null_label, self.w = model, int(null_label), float(guidance_scale) - 1.0
+
+    def forward(self, x, t, class_labels):
+        null = torch.full_like(class_labels, self.null_label)
+        return guided_epsilon(self.model, x, t, {"class_labels": class_labels}, {"class_labels": null}, self.w)
 
 
 @torch.no_grad()
 def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: int = 0, batch_size: int = 64,
                 num_inference_steps: Optional[int] = None, record_trajectory: bool = False,
-                progress: bool = True, device=None) -> SampleResult:
+                progress: bool = True, device=None, class_labels: Optional[torch.Tensor] = None,
+                guidance_scale: float = 1.0, null_label: Optional[int] = None) -> SampleResult:
     """Draw ``num_samples`` images of ``shape = (C, H, W)`` by DDPM ancestral sampling (model in eval mode).
+
+    Class-conditional sampling: ``class_labels`` ``(num_samples,)`` integers, sample k generated for label k
+    (``model(x_t, t, class_labels=...)``); ``guidance_scale`` s is classifier-free guidance in diffusers'
+    convention, ``eps = s eps(x, t, y) + (1 - s) eps(x, t, null_label)``: 1 is plain conditional sampling (one
+    forward per step), s > 1 guides (two forwards; needs ``null_label``). The noise of sample k depends only
+    on its seed, so the same seed gives the same noise for every label and scale.
 
     Returns a :class:`SampleResult`; the images are the last trajectory state clamped to [-1, 1]. Raises
     ``FloatingPointError`` naming the first sample (and its seed) whose final state holds NaN or infinite values
@@ -42,6 +64,20 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not (isinstance(guidance_scale, (int, float)) and 0.0 <= guidance_scale < float("inf")):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels)
+        if class_labels.shape != (num_samples,) or class_labels.is_floating_point():
+            raise ValueError(f"class_labels must be integers of shape ({num_samples},), got "
+                             f"{class_labels.dtype} {tuple(class_labels.shape)}")
+        class_labels = class_labels.long()
+    elif guidance_scale != 1.0:
+        raise ValueError("guidance_scale != 1 needs class_labels (classifier-free guidance is for conditional "
+                         "models)")
+    if guidance_scale != 1.0 and null_label is None:
+        raise ValueError("guidance_scale != 1 needs null_label (the label of the null condition)")
+    net = model if guidance_scale == 1.0 else _Guided(model, null_label, guidance_scale)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = param.dtype if param.is_floating_point() else torch.float32
@@ -61,10 +97,12 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
             x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
             traj = [x.cpu()] if record_trajectory else None
             B = x.shape[0]
+            cond = None if class_labels is None else \
+                {"class_labels": class_labels[b * batch_size:(b + 1) * batch_size].to(device)}
             for t, p in zip(timesteps.tolist(), prev.tolist()):
                 tt = torch.full((B,), t, dtype=torch.long, device=device)
                 pp = torch.full((B,), p, dtype=torch.long, device=device)
-                mean, std = transition(model, scheduler, x, tt, pp)
+                mean, std = transition(net, scheduler, x, tt, pp, condition=cond)
                 z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device=device, dtype=dtype)
                 x = mean + std * z if p >= 0 else mean
                 if record_trajectory:
@@ -82,7 +120,8 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
         bar.close()
         model.train(was_training)
     return SampleResult(images=torch.cat(images), seeds=seeds, timesteps=timesteps,
-                        trajectory=torch.cat(trajs) if record_trajectory else None)
+                        trajectory=torch.cat(trajs) if record_trajectory else None,
+                        labels=None if class_labels is None else class_labels.clone())
 
 
 def trajectory_logprob(model, scheduler, trajectory: torch.Tensor, timesteps: Optional[torch.Tensor] = None,

@@ -39,7 +39,10 @@ class TrainConfig:
     lr, weight_decay, betas: AdamW; warmup_steps: linear warmup from 0 to lr, then constant;
     grad_clip: max global gradient norm (0 disables); ema_decay: EMA of the weights (the attributed model), with
     the usual warm-started decay ``min(ema_decay, (1 + step) / (10 + step))``;
-    checkpoint_every: steps between checkpoints (0: only at the end); seed: everything random in training.
+    checkpoint_every: steps between checkpoints (0: only at the end); seed: everything random in training;
+    condition_dropout: class-conditional training only (``train(..., labels=...)``): the probability that a
+    training example's label is replaced by the null label in a step (what classifier-free guidance needs);
+    in [0, 1). Unconditional training ignores it.
     """
 
     steps: int = 2000
@@ -52,8 +55,11 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     seed: int = 0
+    condition_dropout: float = 0.1
 
     def __post_init__(self):
+        if not (isinstance(self.condition_dropout, (int, float)) and 0.0 <= self.condition_dropout < 1.0):
+            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.batch_size < 1:
@@ -166,10 +172,16 @@ def _unprefixed(prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torc
 
 
 def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: TrainConfig,
-          checkpoint_dir: Optional[str] = None, progress: bool = True, device=None) -> TrainResult:
+          checkpoint_dir: Optional[str] = None, progress: bool = True, device=None,
+          labels: Optional[torch.Tensor] = None, null_label: Optional[int] = None) -> TrainResult:
     """Train ``model`` (an epsilon predictor called as ``model(x_t, t).sample`` or returning a tensor) on
     ``images`` ``(N, C, H, W)`` in [-1, 1] with the DDPM loss; resumes from ``checkpoint_dir`` if it holds a
     checkpoint of a run with the same config. ``model`` is trained in place (train mode, dropout on).
+
+    Class-conditional training: ``labels`` ``(N,)`` integers in ``[0, null_label)`` are passed as
+    ``model(x_t, t, class_labels=y)``; each example's label is replaced by ``null_label`` with probability
+    ``config.condition_dropout`` (drawn from the training generator, so a resumed run replays it). Without
+    ``labels`` the model is called as ``model(x_t, t)`` and the random stream is that of earlier versions.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
@@ -177,6 +189,17 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
     n = images.shape[0]
     if n == 0:
         raise ValueError("no training images")
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != (n,) or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
+        if null_label is None or int(null_label) < 1:
+            raise ValueError("class-conditional training needs null_label >= 1 (the reserved label of the null "
+                             "condition)")
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= int(null_label)):
+            raise ValueError(f"labels must lie in [0, {int(null_label)}) (label {int(null_label)} is the null "
+                             f"condition), got {int(labels.min())}..{int(labels.max())}")
+        labels = labels.long()
     abar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     T = abar.shape[0]
 
@@ -192,8 +215,14 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
     ckpt = _checkpoint_path(checkpoint_dir) if checkpoint_dir else None
     identity = {}
     if ckpt:
-        identity = {"kind": "train_state", "version": STATE_VERSION, "config": config.to_dict(), "num_images": n,
+        cfg = config.to_dict()
+        if labels is None:  # unconditional checkpoints keep the identity of earlier versions
+            cfg.pop("condition_dropout")
+        identity = {"kind": "train_state", "version": STATE_VERSION, "config": cfg, "num_images": n,
                     "data": tensors_fingerprint([images])}
+        if labels is not None:
+            identity["labels"] = tensors_fingerprint([labels])
+            identity["null_label"] = int(null_label)
     if ckpt and os.path.isfile(ckpt):
         tensors, saved = load_tensors(ckpt)
         differs = [k for k, v in identity.items() if saved.get(k) != v]
@@ -223,7 +252,12 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
         t = t.to(device)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-        out = model(xt, t)
+        if labels is None:
+            out = model(xt, t)
+        else:
+            y = labels[idx]
+            drop = torch.rand(y.shape[0], generator=gen) < config.condition_dropout
+            out = model(xt, t, class_labels=torch.where(drop, torch.full_like(y, int(null_label)), y).to(device))
         out = out.sample if hasattr(out, "sample") else out
         loss = torch.nn.functional.mse_loss(out, eps)
         opt.zero_grad(set_to_none=True)

@@ -17,6 +17,10 @@ def _rel(path: str, start: str) -> str:
     return os.path.relpath(path, start).replace(os.sep, "/")
 
 
+def _class_name(c: int, names) -> str:
+    return str(names[c]) if names and 0 <= c < len(names) else str(c)
+
+
 def write_report(report_dir: str, scores: dict, samples: dict, data, settings, run_dir: Optional[str] = None,
                  link_dir: Optional[str] = None) -> dict:
     """Write the report of one run into ``report_dir``.
@@ -26,6 +30,11 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
     settings: the run's ``kfac_influence.app.RunConfig``; link_dir: the folder the report will be read from
     (default ``report_dir``; the pipeline writes into a staging folder and moves the files there), which relative
     links start from. Returns the summary written to ``report.json``.
+
+    Class-conditional runs (``samples["labels"]``: the class each query was generated for): every query is titled
+    with its class, ``query_conditions`` maps query id to class, and ``class_match`` (the fraction of each query's
+    top-k positive / negative scores whose training label equals the query's class, ``exact: true``) is measured
+    from the labels; otherwise, for labelled data, from a pixel classifier's guess (``exact: false``).
 
     ``top_positive`` / ``top_negative`` list, per query, up to ``top_k`` ``[id, file name, score]`` entries with a
     strictly positive / negative score (fewer when fewer scores have that sign).
@@ -55,7 +64,24 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
                "top_lists": "[id, file name, score]; only scores > 0 (positive) / < 0 (negative), so fewer than "
                             "top_k where fewer scores have that sign"}
     qlabels = None
-    if labels is not None and labels.unique().numel() > 1:
+    conditions = samples.get("labels")
+    if conditions is not None:  # class-conditional run: each query's class is the one it was generated for
+        if labels is None:
+            raise ValueError("the queries carry class labels but the training data has none (settings changed?)")
+        qlabels = conditions.long()
+        cm = class_match(S, labels, qlabels, k)
+        summary["class_match"] = {
+            "k": cm.k, "top_positive_same_class": cm.positive, "top_negative_same_class": cm.negative,
+            "chance": cm.chance, "exact": True,
+            "classifier": None, "source": "each query's condition (the class it was generated for); no classifier",
+            "query_classes": qlabels.tolist(),
+            "per_query_positive": [round(float(v), 4) for v in cm.per_query],
+        }
+        summary["query_conditions"] = {int(scores["query_ids"][q]): {"class": int(qlabels[q]),
+                                                                     "name": _class_name(int(qlabels[q]), names)}
+                                       for q in range(Q)}
+        summary["guidance_scale"] = settings.sample.guidance_scale
+    elif labels is not None and labels.unique().numel() > 1:
         clf = PixelClassifier(seed=0).fit(data.images, labels)
         qlabels, conf = clf.predict(queries)
         cm = class_match(S, labels, qlabels, k)
@@ -63,7 +89,8 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
             "k": cm.k, "top_positive_same_class": cm.positive, "top_negative_same_class": cm.negative,
             "chance": cm.chance, "classifier": "logistic regression on training pixels",
             "classifier_train_accuracy": clf.train_accuracy,
-            "query_classes": qlabels.tolist(), "query_class_confidence": [round(float(c), 4) for c in conf],
+            "exact": False, "query_classes": qlabels.tolist(),
+            "query_class_confidence": [round(float(c), 4) for c in conf],
             "per_query_positive": [round(float(v), 4) for v in cm.per_query],
         }
     for q in range(Q):
@@ -76,8 +103,8 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
     def title(q: int) -> str:
         t = f"query {q}"
         if qlabels is not None:
-            c = int(qlabels[q])
-            t += f" [{names[c] if names else c}]"
+            c = _class_name(int(qlabels[q]), names)
+            t += f" [class {c}]" if conditions is not None else f" [{c}]"
         return t
 
     per_query = []
@@ -113,13 +140,23 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
         f"{k} images where fewer training examples have that sign.",
         "",
     ]
+    if conditions is not None:
+        lines[2:2] = [
+            f"Class-conditional model: query k was generated for class k mod K (guidance scale "
+            f"{settings.sample.guidance_scale:g}; 1: none) and is attributed under that class; each training "
+            "example under its own label.",
+            "",
+        ]
     if "class_match" in summary:
         cm = summary["class_match"]
+        how = ("Each generated image's class is its condition (the class it was generated for), so the fraction is "
+               "exact: no classifier." if cm["exact"] else
+               "Each generated image is labelled by a logistic-regression classifier trained on the training "
+               f"pixels (training accuracy {cm['classifier_train_accuracy']:.3f}).")
         lines += [
             "## Do the top influences share the query's class?",
             "",
-            "Each generated image is labelled by a logistic-regression classifier trained on the training pixels "
-            f"(training accuracy {cm['classifier_train_accuracy']:.3f}).",
+            how,
             "",
             "| training examples | fraction with the query's class |",
             "|---|---|",
