@@ -207,3 +207,41 @@ def test_guided_sampling_mixes_the_conditional_and_null_predictions(one_thread):
     assert not torch.allclose(s1.images, null, atol=1e-3) and not torch.allclose(s2.images, s1.images, atol=1e-3)
     with pytest.raises(ValueError, match="needs class_labels"):
         ddpm_sample(model, sched, 2, (1, 8, 8), guidance_scale=2.0, **kw)
+
+
+def test_conditional_training_resumes_exactly_and_refuses_other_labels(tmp_path, monkeypatch, one_thread):
+    """Interrupted after step 5 (last checkpoint at step 4) and resumed: the weights of an uninterrupted run,
+    condition dropout included; a checkpoint made with other labels is refused."""
+    from kfac_influence.diffusion import training
+
+    data = load_dataset(DataConfig(limit=16))
+    sched = make_scheduler()
+    cfg = TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=4, condition_dropout=0.5)
+    kw = dict(labels=data.labels, null_label=10, progress=False)
+    full = train(build_model(str(_cond_json(tmp_path))), sched, data.images, cfg, **kw)
+    update = training.EMA.update
+
+    def interrupt_after_step_5(self, model, step):
+        update(self, model, step)
+        if step + 1 == 5:
+            raise KeyboardInterrupt
+
+    ck = str(tmp_path / "ck")
+    with monkeypatch.context() as m:
+        m.setattr(training.EMA, "update", interrupt_after_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            train(build_model(str(_cond_json(tmp_path))), sched, data.images, cfg, checkpoint_dir=ck, **kw)
+    resumed = train(build_model(str(_cond_json(tmp_path))), sched, data.images, cfg, checkpoint_dir=ck, **kw)
+    assert resumed.resumed_from == 4 and resumed.losses == full.losses[4:]
+    for a, b in zip(resumed.raw_model.state_dict().values(), full.raw_model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="labels differ"):
+        train(build_model(str(_cond_json(tmp_path))), sched, data.images, cfg, checkpoint_dir=ck,
+              labels=(data.labels + 1) % 10, null_label=10, progress=False)
+
+
+def _cond_json(folder):
+    path = folder / "cond.json"
+    if not path.exists():
+        path.write_text(json.dumps(TINY_COND))
+    return path
