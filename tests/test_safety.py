@@ -487,18 +487,17 @@ def test_full_disk_during_fit_and_score_keeps_previous_outputs(run_copy, capsys,
     import kfac_influence.storage as storage
 
     out = run_copy / "out"
-    real = storage.save_file
+    real = storage.write_tensor_bytes
     before_stage = {f: (out / f / "stage.json").read_text() for f in ("fit", "scores")}
 
-    def full_disk(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\0" * 64)
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    def full_disk(f, tensor):  # the first tensor's bytes half written, then the disk is full
+        f.write(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device", f.name)
 
     for stage, args in (("fit", ["--fit-draws", "2"]), ("score", ["--damping", "0.5"])):
         before = snapshot(out)
         with monkeypatch.context() as m:
-            m.setattr(storage, "save_file", full_disk)
+            m.setattr(storage, "write_tensor_bytes", full_disk)
             code, lines = main(capsys, stage, "--out", out, *args, "--no-progress")
         assert_one_line_error(code, lines, "disk full")
         after = snapshot(out)
@@ -509,7 +508,7 @@ def test_full_disk_during_fit_and_score_keeps_previous_outputs(run_copy, capsys,
         assert set(after) == set(before)  # no half-written file anywhere
         now = json.loads((out / folder / "stage.json").read_text())
         assert now["done"] and now["fingerprint"] == json.loads(before_stage[folder])["fingerprint"]
-    assert storage.save_file is real
+    assert storage.write_tensor_bytes is real
     code, lines = main(capsys, "report", "--out", out, "--no-progress")
     assert code == 0 and any("[report] up to date" in ln for ln in lines), lines
 

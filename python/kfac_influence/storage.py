@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Sequence, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors import safe_open
 
 FORMAT_VERSION = 1
@@ -47,15 +49,62 @@ def atomic_write_json(path: os.PathLike, obj) -> None:
 
 
 def save_tensors(path: os.PathLike, tensors: Dict[str, torch.Tensor], header: dict) -> None:
-    """Write ``tensors`` (contiguous CPU copies) and ``header`` atomically."""
+    """Write ``tensors`` and ``header`` atomically, one tensor at a time (``write_streamed``: the bytes go from
+    the tensors to the file, never through a second in-memory copy of the whole state)."""
+    write_streamed(path, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, tensors.__getitem__, header)
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+Layout = Mapping[str, Tuple[torch.dtype, Sequence[int]]]
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def write_tensor_bytes(f, t: torch.Tensor) -> None:
+    """Write one tensor's bytes to the open binary file ``f`` from a contiguous CPU view (no copy of the bytes:
+    a checkpoint never holds its state twice)."""
+    t = t.detach().cpu().contiguous()
+    if t.numel():
+        f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def write_streamed(path: os.PathLike, layout: Layout, produce: Callable[[str], torch.Tensor], header: dict) -> None:
+    """Write ``{key: produce(key)}`` for the keys of ``layout`` (key -> (dtype, shape), in its order) with the
+    library header ``header``, in the standard safetensors format (8-byte little-endian header size, JSON header
+    with dtype / shape / data offsets and the ``kfac_influence`` metadata entry, then the bytes), asking
+    ``produce`` for one tensor at a time: the peak is one tensor, not the file. Atomic (temporary file, fsync,
+    rename). Each produced tensor must have the dtype and shape its layout entry promised (checked: a mismatch
+    raises and leaves no file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {META_KEY: json.dumps({"format": FORMAT_VERSION, **header}, sort_keys=True)}
+    entries, offset = {}, 0
+    for key, (dtype, shape) in layout.items():
+        if dtype not in _DTYPES:
+            raise TypeError(f"{key}: dtype {dtype} cannot be stored")
+        size = _nbytes(dtype, shape)
+        entries[key] = {"dtype": _DTYPES[dtype], "shape": [int(s) for s in shape], "data_offsets": [offset,
+                                                                                                   offset + size]}
+        offset += size
+    meta = {"__metadata__": {META_KEY: json.dumps({"format": FORMAT_VERSION, **header}, sort_keys=True)}}
+    head = json.dumps({**meta, **entries}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            for key, (dtype, shape) in layout.items():
+                t = produce(key)
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{key}: produced {t.dtype} {tuple(t.shape)}, the layout said {dtype} "
+                                     f"{tuple(shape)}")
+                write_tensor_bytes(f, t)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

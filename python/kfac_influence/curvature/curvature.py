@@ -13,8 +13,8 @@ import kfac_kernels as kk
 
 from ..capture import LayerSpec, layer_spec, select_layers
 from ..identity import tensors_fingerprint
-from ..storage import load_tensors, model_fingerprint
-from ..tensorfile import TensorFile, write_streamed
+from ..storage import load_tensors, model_fingerprint, write_streamed
+from ..tensorfile import TensorFile
 from .config import CurvatureConfig
 from .damping import Damping
 
