@@ -67,8 +67,8 @@ def layer_macs(module, in_shape, out_shape, queries: int) -> dict:
         shifted = cov.uses_shifted_gram(c, r, module.stride)
         if shifted:
             geometry = (module.kernel_size, module.padding, module.dilation)
-            n_delta = len(cov._border_plan(*geometry, h, w)[1])
-            (mh, mw), _, _ = cov._window_margins(*geometry)
+            n_delta = len(cov.border_plan(*geometry, h, w)[1])
+            (mh, mw), _, _ = cov.window_margins(*geometry)
             cov_a = n_delta * c * c * (h + 2 * mh) * (w + 2 * mw)
     else:
         r = 1

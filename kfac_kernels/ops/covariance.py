@@ -49,7 +49,7 @@ def conv_covariance_reference(x: torch.Tensor, kernel_size: IntPair, stride: Int
     return linear_covariance_reference(rows, append_one=append_one, out=out)
 
 
-def _window_margins(kernel_size, padding, dilation):
+def window_margins(kernel_size, padding, dilation):
     """Margins ``(mh, mw)`` to pad an input by so that every tap's window of input positions is a slice, and the
     slices' starts ``start_h, start_w``: tap (i, j) of output position (oh, ow) reads padded position
     ``(s_h*oh + start_h[i], s_w*ow + start_w[j])``. The margin is at least the conv padding and at least half the
@@ -64,7 +64,7 @@ def _patch_sums(x: torch.Tensor, kernel_size, stride, padding, dilation, per_exa
     """Sum over output positions of each tap's input value: ``(C*kh*kw,)``, or ``(B, C*kh*kw)`` per example."""
     (sh, sw) = pair(stride)
     oh, ow = conv_output_size(tuple(x.shape[-2:]), kernel_size, stride, padding, dilation)
-    (mh, mw), start_h, start_w = _window_margins(kernel_size, padding, dilation)
+    (mh, mw), start_h, start_w = window_margins(kernel_size, padding, dilation)
     xp = F.pad(x if per_example else x.sum(0, keepdim=True), (mw, mw, mh, mh))
     taps = [xp[:, :, i0:i0 + sh * (oh - 1) + 1:sh, j0:j0 + sw * (ow - 1) + 1:sw].sum(dim=(2, 3))
             for i0 in start_h for j0 in start_w]
@@ -72,7 +72,7 @@ def _patch_sums(x: torch.Tensor, kernel_size, stride, padding, dilation, per_exa
     return sums if per_example else sums[0]
 
 
-def _border_plan(kernel_size, padding, dilation, h: int, w: int):
+def border_plan(kernel_size, padding, dilation, h: int, w: int):
     """Which border Grams ``_shifted_patch_gram`` subtracts (or adds back), for an (h, w) input.
 
     Returns ``(taps, deltas, pairs, strips)``: ``pairs[p] = (t1, t2, k)`` for taps t1 <= t2 at offset
@@ -83,7 +83,7 @@ def _border_plan(kernel_size, padding, dilation, h: int, w: int):
     where the partner position can be inside the input (elsewhere its Gram is zero)."""
     (kh, kw), (dh, dw) = pair(kernel_size), pair(dilation)
     oh, ow = conv_output_size((h, w), kernel_size, 1, padding, dilation)
-    (mh, mw), start_h, start_w = _window_margins(kernel_size, padding, dilation)
+    (mh, mw), start_h, start_w = window_margins(kernel_size, padding, dilation)
     taps = [(i, j) for i in range(kh) for j in range(kw)]
     deltas = sorted({(i2 - i1, j2 - j1) for t1, (i1, j1) in enumerate(taps) for (i2, j2) in taps[t1:]})
     index = {dd: k for k, dd in enumerate(deltas)}
@@ -110,7 +110,7 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: to
     Block (t1, t2) of taps t1 <= t2 (flat index i*kw + j) is ``sum_q u_q u_{q+delta}^T`` over the input positions
     q in tap t1's window, delta = the offset between the taps. Over ALL positions that sum is one GEMM of the
     padded input (C, N) with itself shifted by delta along the flattened (B, H', W') axis; the window is all
-    positions minus a few border rows and columns (inclusion-exclusion, ``_border_plan``), whose small Gram
+    positions minus a few border rows and columns (inclusion-exclusion, ``border_plan``), whose small Gram
     matrices are subtracted. That is 13 C x C GEMMs for a 3x3 kernel instead of one (9C) x (9C) GEMM of the
     unfolded patches (6x fewer flops), and no (B, R, 9C) tensor. Each border strip is one strided view of the
     padded input (a row of every example, a column, a corner position). Scratch besides ``out``: the padded
@@ -118,8 +118,8 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: to
     half the result).
     """
     b, c, h, w = x.shape
-    (mh, mw), _, _ = _window_margins(kernel_size, padding, dilation)
-    taps, deltas, pairs, strips = _border_plan(kernel_size, padding, dilation, h, w)
+    (mh, mw), _, _ = window_margins(kernel_size, padding, dilation)
+    taps, deltas, pairs, strips = border_plan(kernel_size, padding, dilation, h, w)
     (dh, dw) = pair(dilation)
     hp, wp = h + 2 * mh, w + 2 * mw
     n = b * hp * wp
@@ -148,7 +148,7 @@ def _shifted_patch_gram(x: torch.Tensor, kernel_size, padding, dilation, out: to
 
 
 # Below these sizes the border terms and Python overhead of the shifted Gram cost more than the GEMM of unfolded
-# patches (measured on a CPU at 3x3 kernels, B = 32: 1.6x faster at C = 8, 2.2x at 8x8 outputs, 0.7x at 4x4).
+# patches (measured on a CPU at 3x3 kernels: bench/RESULTS.md, "Torch path without im2col").
 SHIFTED_GRAM_MIN_CHANNELS = 8
 SHIFTED_GRAM_MIN_POSITIONS = 64
 

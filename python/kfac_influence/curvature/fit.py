@@ -62,13 +62,13 @@ class _FitState:
     the float64 sums of the EK-FAC eigenvalues (this process's share; reduced on copies at the end).
     ``next_group``: the first global example group not yet processed in the current stage."""
 
-    def __init__(self, specs: Dict[str, LayerSpec], device: torch.device, next_group: int):
+    def __init__(self, specs: Dict[str, LayerSpec], device: torch.device, next_group: int, allocate: bool = True):
         self.stage = "factors"
         self.next_group = next_group
         self.sums: Dict[str, torch.Tensor] = {}
         self.results: Dict[str, torch.Tensor] = {}
         self.counts: Dict[str, int] = {"draws": 0}
-        for n, s in specs.items():
+        for n, s in (specs.items() if allocate else ()):
             self.sums[f"{n}::A"] = torch.zeros(s.d_in_total, s.d_in_total, dtype=torch.float64, device=device)
             self.sums[f"{n}::G"] = torch.zeros(s.d_out, s.d_out, dtype=torch.float64, device=device)
             self.counts[f"{n}::A"] = 0
@@ -91,7 +91,7 @@ class _FitState:
     @classmethod
     def restore(cls, loaded, specs, device) -> "_FitState":
         tensors, saved = loaded
-        st = cls(specs, device, 0)
+        st = cls(specs, device, 0, allocate=False)  # the checkpoint's tensors are the state: no zeros beside them
         st.stage, st.next_group, st.counts = saved["stage"], int(saved["next_group"]), saved["counts"]
         st.sums = {k: v.to(device) for k, v in tensors.items() if not k.startswith(RESULT)}
         st.results = {k[len(RESULT):]: v.to(device) for k, v in tensors.items() if k.startswith(RESULT)}

@@ -56,21 +56,7 @@ PRESETS = {
         attention_head_dim=None,
         dropout=0.0,
     ),
-    # digits-tiny with a class embedding: 10 digit classes plus the null class 10 (classifier-free guidance;
-    # trained with condition dropout, the pipeline's TrainConfig.condition_dropout). Same cost as digits-tiny.
-    "digits-cond": dict(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=None,
-        dropout=0.0,
-        num_class_embeds=11,
-    ),
+    "digits-cond": None,  # filled below: digits-tiny + num_class_embeds
     # The DDPM CIFAR-10 architecture (Ho et al. 2020), as used by Mlodozeniec et al. (2025).
     "cifar-ddpm": dict(
         sample_size=32,
@@ -88,6 +74,9 @@ PRESETS = {
         freq_shift=1,
     ),
 }
+# digits-tiny with a class embedding: 10 digit classes plus the null class 10 (classifier-free guidance; trained
+# with condition dropout, the pipeline's TrainConfig.condition_dropout). Same cost as digits-tiny.
+PRESETS["digits-cond"] = dict(PRESETS["digits-tiny"], num_class_embeds=11)
 
 
 @dataclass(frozen=True)
