@@ -8,6 +8,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# diffusers creates its stderr log handler on first use, bound to whatever sys.stderr is then: created inside a test
+# that captures output (capsys), it would later write to that test's closed buffer and print "--- Logging error
+# ---" with a traceback into another test's output. Created here, it writes to the session's stream.
+from diffusers.utils import logging as _diffusers_logging  # noqa: E402
+
+_diffusers_logging.get_logger("diffusers")
+
 # KFAC_TEST_THREADS=1 when several test runs share the machine (oversubscribed OpenMP threads spin: up to 20x slower)
 torch.set_num_threads(int(os.environ.get("KFAC_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 

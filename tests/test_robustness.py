@@ -235,12 +235,13 @@ def test_signal_checkpoints_then_stops_and_resumes_identically(tmp_path, sig, st
     full = pairwise_scores(unet, plain, curv, x[:2], x, draws_per_forward=4, progress=False)
     task = SignallingTask(scheduler(), num_train_draws=2, num_query_draws=2, sig=sig,
                           at=3 if stage == "fit" else 4)  # scoring: call 1 is the query pass
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(KeyboardInterrupt, match=signal.Signals(sig).name):
         if stage == "fit":
             fit_curvature(unet, task, x, cfg, **run)
         else:
             pairwise_scores(unet, task, curv, x[:2], x, **run)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # handlers restored
     saved = load_tensors(tmp_path / ("fit_state.safetensors" if stage == "fit" else "score_state.safetensors"))[1]
     assert saved["next_group"] == 3  # the group in which the signal came was finished, then saved
     resumed = SignallingTask(scheduler(), num_train_draws=2, num_query_draws=2)
