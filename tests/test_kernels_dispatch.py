@@ -35,15 +35,18 @@ def test_env_var_forces_triton(monkeypatch):
 
 
 def test_explicit_missing_backend_raises(monkeypatch):
+    """An op with only a torch implementation (as lowrank_pairwise_scores is today): asking for Triton by argument
+    or environment raises instead of silently running torch; the default still runs torch."""
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    missing = [b for b in dispatch.BACKENDS if b not in dispatch.available("linear_covariance")]
-    if not missing:
-        pytest.skip("every backend is registered here")
-    with pytest.raises(RuntimeError, match="no"):
-        kfac_kernels.linear_covariance(torch.randn(3, 2), backend=missing[0])
-    monkeypatch.setenv(dispatch.ENV_VAR, missing[0])
-    with pytest.raises(RuntimeError):
-        kfac_kernels.linear_covariance(torch.randn(3, 2))
+    monkeypatch.setitem(dispatch._REGISTRY, "test_torch_only", {})
+    dispatch.register("test_torch_only", "torch")(lambda x: x + 1)
+    assert dispatch.available("test_torch_only") == ("torch",)
+    assert dispatch.resolve("test_torch_only", torch.device("cpu"))(1) == 2
+    with pytest.raises(RuntimeError, match="no 'triton' backend"):
+        dispatch.resolve("test_torch_only", torch.device("cpu"), backend="triton")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="no 'triton' backend"):
+        dispatch.resolve("test_torch_only", torch.device("cpu"))
 
 
 def test_unknown_backend_raises(monkeypatch):
