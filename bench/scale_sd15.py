@@ -22,6 +22,7 @@ diffusers, module objects, data): the memory model predicts what comes on top of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -90,9 +91,19 @@ def stage_fit(root: Path, budget: int) -> dict:
     # the whole budget less the baseline, without the memory model's 10% headroom: the prediction itself must stay
     # under the budget (an eigendecomposition of the 11521-wide input factor needs 4 GiB beside the 3.4 GB model)
     room = (budget - baseline) / 0.9
-    plan = plan_fit(model, task, data, room, config=cfg)
+    # a resumed run keeps the partitions it started with (the baseline, and so the plan, can move between
+    # processes; the checkpoints refuse another one); the predicted peak is the memory model's for them
+    plan_file = root / "plan.json"
+    kept = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    plan = plan_fit(model, task, data, room, config=cfg, partitions=kept and kept["partitions"])
+    if kept is not None:
+        plan = dataclasses.replace(plan, draws_per_forward=kept["draws_per_forward"])
+    else:
+        plan_file.write_text(json.dumps({"draws_per_forward": plan.draws_per_forward,
+                                         "partitions": [list(p) for p in plan.partitions], "peak": plan.peak}))
     t0 = time.perf_counter()
-    curv = fit_curvature(model, task, data, cfg, max_memory=room, checkpoint_dir=root / "fit", progress=True,
+    curv = fit_curvature(model, task, data, cfg, draws_per_forward=plan.draws_per_forward,
+                         partitions=[list(p) for p in plan.partitions], checkpoint_dir=root / "fit", progress=True,
                          checkpoint_seconds=120)
     t_fit = time.perf_counter() - t0
     curv.save(root / "curvature.safetensors.tmp")
