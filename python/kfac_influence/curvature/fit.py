@@ -347,17 +347,19 @@ def _fit_layers(modules: Dict[str, nn.Module], ckpt: Checkpoint, *, model, task,
             state.stage = "done"
         state.save(ckpt)
 
-    lam = {}
-    if config.method == "ekfac":
-        # this rank's sums stay partial (and checkpointed as such): reduce copies
-        lam = {nm: state.sums[f"{nm}::Lambda"].clone() for nm in specs}
-        draws = torch.tensor([float(state.counts["eigen_draws"])], dtype=torch.float64, device=device)
-        shard.all_reduce([*lam.values(), draws])
-        lam = {nm: v / max(1.0, float(draws)) for nm, v in lam.items()}
+    # The state is saved ("done"): its sums may now be consumed in place, a layer at a time, so the float64
+    # eigenvalue sums never coexist with a reduced copy or with the whole stored-dtype result (memory.py)
+    draws = torch.tensor([float(state.counts.get("eigen_draws", 0))], dtype=torch.float64, device=device)
+    shard.all_reduce([draws])
     factors = {}
     for nm in specs:
-        lam_nm = lam[nm] if config.method == "ekfac" else torch.outer(res[f"{nm}::sG"], res[f"{nm}::sA"])
+        if config.method == "ekfac":
+            lam = state.sums.pop(f"{nm}::Lambda")
+            shard.all_reduce([lam])  # this rank's partial sums: only the saved checkpoint needed them partial
+            lam = lam.div_(max(1.0, float(draws))).to("cpu", config.dtype)
+        else:
+            lam = torch.outer(res[f"{nm}::sG"], res[f"{nm}::sA"])
         factors[nm] = {k: v.detach().to("cpu", config.dtype) for k, v in
                        dict(A=res[f"{nm}::A"], G=res[f"{nm}::G"], QA=res[f"{nm}::QA"], QG=res[f"{nm}::QG"],
-                            sA=res[f"{nm}::sA"], sG=res[f"{nm}::sG"], Lambda=lam_nm).items()}
+                            sA=res[f"{nm}::sA"], sG=res[f"{nm}::sG"], Lambda=lam).items()}
     return factors
