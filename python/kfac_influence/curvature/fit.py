@@ -253,6 +253,7 @@ def fit_curvature(model: nn.Module, task: Task, data: Any, config: CurvatureConf
             factors = _fit_layers({nm: modules[nm] for nm in names}, ckpt, **run)
             result.save({f"{nm}::{key}": t for nm, f in factors.items() for key, t in f.items()})
             del factors  # this partition's layers leave memory before the next partition's passes
+            ckpt.path.unlink(missing_ok=True)  # its pass state (float64 sums) is redundant beside the result
         file = TensorFile(result.path)
         files.update({nm: file for nm in names})
     return Curvature(config, specs, LayerFiles(files), fingerprint, n, m)
