@@ -15,7 +15,8 @@ other convs, whose float64 eigendecompositions would take hours on 2 cores.
 The child processes run with MALLOC_MMAP_THRESHOLD_=65536 (see ``main``). Stages (each in its own process, so that its peak RSS is its own; each resumes from its checkpoints and is skipped
 once its output exists): ``fit`` (``fit_curvature(max_memory=budget - baseline)``: the plan picks the draws per
 forward and the partitions; the curvature is then saved to one file a layer at a time) and ``score``
-(``load_curvature(stream=True)``, ``pairwise_scores`` with the draws per forward from the memory model). The
+(``load_curvature(stream=True)``, ``pairwise_scores`` with the query block and draws per forward of
+``memory.plan_scores``). The
 baseline is the process's RSS once the model and data exist, less the parameters (the interpreter, torch,
 diffusers, module objects, data): the memory model predicts what comes on top of it. Results: ``ROOT/results.json`` and a markdown table on stdout.
 """
@@ -120,21 +121,22 @@ def stage_score(root: Path, budget: int) -> dict:
     import torch
 
     from kfac_influence import load_curvature, pairwise_scores
-    from kfac_influence.memory import choose_draws_per_forward, estimate, measure_footprint
+    from kfac_influence.memory import plan_scores
 
     model, task, data, queries = setup()
     baseline = rss_bytes() - sum(p.numel() * p.element_size() for p in model.parameters())
     curv = load_curvature(root / "curvature.safetensors", model, stream=True)
-    cfg = curv.config
-    fp = measure_footprint(model, task, data, config=cfg)
-    per_forward = choose_draws_per_forward(model, task, data, budget - baseline, stage="scores", config=cfg,
-                                           num_queries=Q, num_examples=N, footprint=fp, streamed=True)
-    predicted = estimate(fp, "scores", per_forward, num_queries=Q, num_examples=N, streamed=True).total
+    # the library's default 10% headroom: the plan holds as many queries' gradients as fit (one training pass
+    # per block of queries), then as many draws per forward
+    plan = plan_scores(model, task, data, budget - baseline, num_queries=Q, num_examples=N, config=curv.config,
+                       streamed=True)
     t0 = time.perf_counter()
-    scores = pairwise_scores(model, task, curv, queries, data, draws_per_forward=per_forward, progress=True,
-                             checkpoint_dir=root / "score", damping=0.1, damping_mode="relative")
+    scores = pairwise_scores(model, task, curv, queries, data, draws_per_forward=plan.draws_per_forward,
+                             query_batch=plan.query_batch, progress=True, checkpoint_dir=root / "score",
+                             damping=0.1, damping_mode="relative")
     seconds = time.perf_counter() - t0
-    return {"baseline_rss": baseline, "predicted_peak": baseline + predicted, "draws_per_forward": per_forward,
+    return {"baseline_rss": baseline, "predicted_peak": baseline + plan.peak, "draws_per_forward":
+            plan.draws_per_forward, "query_batch": plan.query_batch, "training_passes": plan.passes,
             "score_seconds": seconds, "peak_rss": peak_rss_bytes(), "scores": scores.tolist(),
             "finite": bool(torch.isfinite(scores).all())}
 

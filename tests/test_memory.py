@@ -133,3 +133,31 @@ def test_footprint_on_the_meta_device_equals_the_cpu_one():
     """bench/memory_table.py sizes Stable Diffusion on the meta device (no weights): the same footprint as on
     the CPU with the math attention kernel (the meta device's decomposition)."""
     assert _cross_unet_footprint(5, "meta") == _cross_unet_footprint(5)
+
+
+def test_plan_scores_holds_the_largest_query_block_that_fits():
+    from kfac_influence.memory import plan_scores
+    model = tiny_unet(size=8, channels=(4, 8))
+    task = DiffusionTask(scheduler(), num_train_draws=2, num_query_draws=2)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    cfg = CurvatureConfig(dtype=torch.float64)
+    fp = measure_footprint(model, task, x, config=cfg)
+
+    def total(q, b):
+        return estimate(fp, "scores", b, num_queries=q, num_examples=50, factor_itemsize=8).total
+
+    blocks = []
+    for budget in (total(1, 1), total(3, 1) + 1, total(9, 1), total(40, 1) * 4):
+        plan = plan_scores(model, task, x, budget, num_queries=40, num_examples=50, config=cfg, headroom=1.0,
+                           footprint=fp)
+        assert total(plan.query_batch, 1) <= budget and (plan.query_batch == 40 or
+                                                          total(plan.query_batch + 1, 1) > budget)
+        assert plan.peak == total(plan.query_batch, plan.draws_per_forward) <= budget
+        assert plan.passes == -(-40 // plan.query_batch)
+        # a query group (draws_per_forward // 2 queries) stays within a block smaller than all queries
+        assert plan.query_batch == 40 or plan.draws_per_forward // 2 <= plan.query_batch
+        blocks.append(plan.query_batch)
+    assert blocks[0] == 1 and blocks[1] == 3 and blocks[2] == 9 and blocks[3] == 40
+    with pytest.raises(MemoryError, match="even one query"):
+        plan_scores(model, task, x, total(1, 1) - 1, num_queries=4, num_examples=50, config=cfg, headroom=1.0,
+                    footprint=fp)

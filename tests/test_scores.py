@@ -183,3 +183,57 @@ def test_reduced_precision_rounds_the_operands_and_accumulates_in_float32(precis
         CurvatureConfig(precision="int4")
     with pytest.raises(ValueError, match="precision"):
         pairwise_scores(model, task, full, (X[:4], Y[:4]), (X, Y), progress=False, precision="float8")
+
+
+@pytest.mark.parametrize("per_forward,query_batch", [(3, 1), (3, 2), (6, 3), (6, 1)])
+def test_query_blocks_give_the_unblocked_scores_and_resume_by_block(tmp_path, per_forward, query_batch):
+    # 5 queries in blocks of whole query groups (per_forward 6, 3 draws: groups of 2 queries, so a block of 1 query
+    # holds one group of 2): each block is its own query pass, training pass and checkpoint folder
+    unet = tiny_unet(size=4)
+    task = DiffusionTask(scheduler(), num_train_draws=3, num_query_draws=3, seed=2)
+    x = torch.rand(4, 1, 4, 4, dtype=F64) * 2 - 1
+    q = torch.rand(5, 1, 4, 4, dtype=F64) * 2 - 1
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), draws_per_forward=6, progress=False)
+    kw = dict(draws_per_forward=per_forward, progress=False, damping=1e-3, damping_mode="relative")
+    whole = pairwise_scores(unet, task, curv, q, x, **kw)
+    calls = []
+    real = preconditioned_query_gradients
+
+    def counting(*args, **kwargs):  # one query pass per block, each over at most its block's queries
+        out = real(*args, **kwargs)
+        calls.append(next(iter(out.values())).shape[0])
+        return out
+
+    import kfac_influence.scoring.pairwise as pw
+    pw.preconditioned_query_gradients = counting
+    try:
+        blocked = pairwise_scores(unet, task, curv, q, x, query_batch=query_batch, checkpoint_dir=tmp_path, **kw)
+    finally:
+        pw.preconditioned_query_gradients = real
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12 * float(whole.abs().max()))
+    group = max(1, per_forward // 3)
+    held = max(group, query_batch // group * group)
+    assert sum(calls) == 5 and max(calls) == min(held, 5) and len(calls) == -(-5 // held)
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert len(folders) == len(calls) and all(f.startswith("queries-") for f in folders)
+    # resumed: every block's checkpoint is finished, so no query pass runs and the scores come back
+    pw.preconditioned_query_gradients = counting
+    calls.clear()
+    try:
+        again = pairwise_scores(unet, task, curv, q, x, query_batch=query_batch, checkpoint_dir=tmp_path, **kw)
+    finally:
+        pw.preconditioned_query_gradients = real
+    assert calls == [] and torch.equal(again, blocked)
+
+
+def test_query_blocks_of_precomputed_gradients_and_bad_batch():
+    unet = tiny_unet(size=4)
+    task = DiffusionTask(scheduler(), num_train_draws=2, num_query_draws=2, seed=3)
+    x = torch.rand(3, 1, 4, 4, dtype=F64) * 2 - 1
+    curv = fit_curvature(unet, task, x, CurvatureConfig(dtype=F64), progress=False)
+    pre = preconditioned_query_gradients(unet, task, curv, x, damping=1e-2)
+    whole = pairwise_scores(unet, task, curv, None, x, preconditioned=pre, progress=False)
+    blocked = pairwise_scores(unet, task, curv, None, x, preconditioned=pre, progress=False, query_batch=2)
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="query_batch must be >= 1"):
+        pairwise_scores(unet, task, curv, None, x, preconditioned=pre, progress=False, query_batch=0)

@@ -26,7 +26,7 @@ from .data_iter import get_batch, num_examples
 from .engine import model_device_dtype, use_model_mode
 
 __all__ = ["Footprint", "MemoryEstimate", "FitPlan", "measure_footprint", "estimate", "choose_draws_per_forward",
-           "plan_fit", "layer_state_bytes", "partition_state_peak", "parse_bytes", "STAGES", "SCRATCH_BYTES"]
+           "plan_fit", "ScorePlan", "plan_scores", "layer_state_bytes", "partition_state_peak", "parse_bytes", "STAGES", "SCRATCH_BYTES"]
 
 STAGES = ("fit", "scores")
 SCRATCH_BYTES = 256 << 20  # kfac_kernels' torch path: per-example scratch budget per op call (chunk_size_for)
@@ -324,3 +324,50 @@ def plan_fit(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *
         parts = [tuple(p) for p in partitions]
     biggest = max(peak_of(list(p), per_forward) for p in parts)
     return FitPlan(per_forward, tuple(parts), fp.param_bytes + biggest)
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """What ``pairwise_scores`` runs under a budget: ``query_batch`` queries' gradients held at once (one
+    training pass per block: ``passes``), ``draws_per_forward`` and the predicted peak bytes (``peak``)."""
+    draws_per_forward: int
+    query_batch: int
+    passes: int
+    peak: int
+
+
+def plan_scores(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *, num_queries: int,
+                num_examples: int, config: CurvatureConfig = CurvatureConfig(), int8_queries: bool = False,
+                streamed: bool = False, headroom: float = 0.9, max_batch: int = 4096,
+                footprint: Optional[Footprint] = None) -> ScorePlan:
+    """The scoring plan under ``headroom * max_memory``: the fewest training passes (the largest query block whose
+    estimate at one draw per forward fits), then the most draws per forward for that block, capped so that one
+    query group (``draws_per_forward // num_draws`` queries) stays within the block. Raises ``MemoryError``
+    (with the breakdown) when one query at one draw per forward does not fit."""
+    if num_queries < 1:
+        raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+    budget = int(parse_bytes(max_memory) * headroom)
+    fp = footprint or measure_footprint(model, task, sample, config=config)
+    fitem = torch.empty((), dtype=config.dtype).element_size()
+    mq = task.num_draws("query")
+
+    def est(q: int, b: int) -> MemoryEstimate:
+        return estimate(fp, "scores", b, num_queries=q, num_examples=num_examples, int8_queries=int8_queries,
+                        factor_itemsize=fitem, streamed=streamed)
+
+    if est(1, 1).total > budget:
+        e = est(1, 1)
+        raise MemoryError(f"scores: even one query at one draw per forward needs ~{e.total / 2**20:.0f} MiB (fixed "
+                          f"{e.fixed / 2**20:.0f} MiB, per draw {e.per_row / 2**20:.1f} MiB) > "
+                          f"{budget / 2**20:.0f} MiB")
+    lo, hi = 1, num_queries
+    while lo < hi:  # est(q, 1) is non-decreasing in q
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if est(mid, 1).total <= budget else (lo, mid - 1)
+    block = lo
+    cap = max_batch if block >= num_queries else min(max_batch, block * mq)
+    lo, hi = 1, max(1, cap)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if est(block, mid).total <= budget else (lo, mid - 1)
+    return ScorePlan(lo, block, math.ceil(num_queries / block), est(block, lo).total)

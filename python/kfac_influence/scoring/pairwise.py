@@ -26,7 +26,7 @@ from ..capture import LayerCapture, calls_as_rows, rounded_calls
 from ..curvature.config import PRECISIONS
 from ..curvature.curvature import Curvature
 from ..data_iter import num_examples
-from ..engine import (Checkpoint, Shard, check_draws_per_forward, draw_pass, examples_of_groups, finite_layer_sum,
+from ..engine import (Checkpoint, Shard, check_draws_per_forward, draw_pass, finite_layer_sum, group_size,
                       model_device_dtype, total_groups)
 from ..identity import data_fingerprint, task_fingerprint, tensors_fingerprint
 from ..tasks.base import Task
@@ -78,7 +78,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
                     damping: Optional[float] = None, damping_mode: Optional[str] = None,
                     query_rank: Optional[int] = None, precision: str = "float32",
                     preconditioned: Optional[Dict[str, torch.Tensor]] = None,
-                    shard: Shard = Shard(), split: str = "train") -> torch.Tensor:
+                    shard: Shard = Shard(), split: str = "train", query_batch: Optional[int] = None) -> torch.Tensor:
     """Scores ``(Q, N)`` of every query against every training example (float32, or float64 for float64 models).
 
     Args:
@@ -101,6 +101,13 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
         preconditioned: precomputed ``preconditioned_query_gradients`` (skips the query pass; damping was
             applied when they were computed).
         shard, split: this process's share (see the module docstring); every rank returns the full matrix.
+        query_batch: at most this many queries' gradients held at once (None: all of this process's): the
+            queries are scored in blocks, each block a query pass and a training pass of its own, so the held
+            query memory (Q W numbers, the largest term at scale) drops to ``query_batch`` W at the cost of
+            ceil(Q / query_batch) training passes (``memory.plan_scores`` picks it for a budget). A block is
+            whole query groups, so it holds at least ``max(1, draws_per_forward // num_draws)`` queries. With
+            several blocks each has its own checkpoint folder under ``checkpoint_dir``
+            (``queries-<first>-<stop>``), and a finished block is not recomputed on resume.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -110,6 +117,8 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
     if query_rank is not None and (int(query_rank) < 1 or int8_queries):
         raise ValueError("query_rank must be >= 1, and cannot be combined with int8_queries"
                          if int8_queries else f"query_rank must be >= 1, got {query_rank}")
+    if query_batch is not None and int(query_batch) < 1:
+        raise ValueError(f"query_batch must be >= 1, got {query_batch}")
     draws_per_forward = check_draws_per_forward(draws_per_forward)
     modules = curvature.check_model(model, check_values=check_values)
     damp = curvature.resolve_damping(damping, damping_mode)
@@ -121,18 +130,58 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
         nq_total = next(iter(preconditioned.values())).shape[0]
     else:
         nq_total = num_examples(queries)
-    query_groups = None
+    # query "groups": the pass's example groups of the queries, or single rows of precomputed gradients
+    mq = task.num_draws("query")
+    per_group = 1 if preconditioned is not None else group_size(draws_per_forward, mq)
+    all_query_groups = range(0, nq_total) if preconditioned is not None \
+        else range(0, total_groups(queries, draws_per_forward, mq))
     if split == "queries":
-        mq = task.num_draws("query")
-        query_groups = shard.owned(total_groups(queries, draws_per_forward, mq)) if preconditioned is None \
-            else shard.owned(nq_total)
-        q_rows = examples_of_groups(query_groups, nq_total, draws_per_forward, mq) if preconditioned is None \
-            else query_groups
-        if len(q_rows) == 0:  # more ranks than query groups: nothing to score here, but join the gather
+        query_groups = shard.owned(len(all_query_groups))
+        if len(query_groups) == 0:  # more ranks than query groups: nothing to score here, but join the gather
             train_groups = range(0, 0)
     else:
-        q_rows = range(0, nq_total)
+        query_groups = all_query_groups
         train_groups = shard.owned(len(train_groups))
+
+    def rows_of(groups: range) -> range:
+        return range(min(nq_total, groups.start * per_group), min(nq_total, groups.stop * per_group))
+
+    q_rows = rows_of(query_groups)
+    step = len(query_groups) if query_batch is None else max(1, int(query_batch) // per_group)
+    blocks = [range(g, min(g + step, query_groups.stop)) for g in range(query_groups.start, query_groups.stop,
+                                                                        max(1, step))] or [query_groups]
+    scores = torch.zeros(len(q_rows), n, dtype=_accumulator_dtype(mdtype), device=device)
+    for block in blocks:
+        rows = rows_of(block)
+        block_dir = checkpoint_dir
+        if checkpoint_dir is not None and len(blocks) > 1:
+            block_dir = os.path.join(os.fspath(checkpoint_dir), f"queries-{rows.start}-{rows.stop}")
+        scores[rows.start - q_rows.start:rows.stop - q_rows.start] = _score_block(
+            model, task, curvature, modules, queries, train, preconditioned=preconditioned, damp=damp,
+            rows=rows, groups=None if preconditioned is not None or block == all_query_groups else block,
+            train_groups=train_groups, nq_total=nq_total, draws_per_forward=draws_per_forward,
+            progress=progress, model_mode=model_mode, checkpoint_dir=block_dir,
+            checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, int8_queries=int8_queries,
+            query_rank=query_rank, precision=precision, low=low, shard=shard, split=split)
+    if shard.single:
+        return scores
+    out = torch.zeros(nq_total, n, dtype=scores.dtype, device=device)
+    out[q_rows.start:q_rows.stop] = scores
+    shard.all_reduce([out])
+    return out
+
+
+def _score_block(model, task, curvature, modules, queries, train, *, preconditioned, damp, rows: range,
+                 groups: Optional[range], train_groups: range, nq_total: int, draws_per_forward: int, progress,
+                 model_mode, checkpoint_dir, checkpoint_every, checkpoint_seconds, int8_queries, query_rank,
+                 precision, low, shard: Shard, split: str) -> torch.Tensor:
+    """Scores ``(len(rows), N)`` of the query rows ``rows`` (the query groups ``groups``; None: all) against
+    this process's training groups: one query pass, one training pass, one checkpoint."""
+    device, mdtype = model_device_dtype(model)
+    n = num_examples(train)
+    m = task.num_draws("train")
+    q_rows = rows
+    query_groups = groups
     identity = {}
     if checkpoint_dir is not None:
         queries_id = tensors_fingerprint([preconditioned]) if preconditioned is not None \
@@ -194,12 +243,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
             chunk.backward(task.train_loss(chunk.outputs, chunk.draws), on_layer)
             scores.index_add_(1, chunk.draws.example.to(device), part)
         ckpt.save({"scores": scores}, next_group=train_groups.stop)
-    if shard.single:
-        return scores
-    out = torch.zeros(nq_total, n, dtype=acc, device=device)
-    out[q_rows.start:q_rows.stop] = scores
-    shard.all_reduce([out])
-    return out
+    return scores
 
 
 def self_scores(model: nn.Module, task: Task, curvature: Curvature, train: Any, *, draws_per_forward: int = 32,
