@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from ..curvature import Curvature, load_curvature
 from ..diffusion.data import ImageDataset, load_dataset
 from ..diffusion.models import ModelError, build_model, check_image_size, load_model, make_scheduler
-from ..memory import choose_draws_per_forward
+from ..memory import plan_scores
 from ..storage import load_tensors
 from ..tasks import DiffusionTask
 from .layout import StageError
@@ -153,16 +153,19 @@ class RunContext:
         except Exception as exc:
             raise StageError(f"{path}: not a readable curvature file ({type(exc).__name__})") from None
 
-    def draws_per_forward(self, model, task: DiffusionTask, stage: str, default: int, **sizes) -> int:
-        """``default``, or the largest number of draws per forward pass whose estimated peak fits ``max_memory``
-        (``kfac_influence.memory``; stage "fit" or "scores", sizes ``num_queries`` / ``num_examples``)."""
+    def score_plan(self, model, task: DiffusionTask, default: int, *, num_queries: int,
+                   num_examples: int) -> Tuple[int, Optional[int]]:
+        """``(draws_per_forward, query_batch)``: ``(default, None)`` (all queries at once), or under ``max_memory``
+        the memory model's plan (``memory.plan_scores``: the most queries held per training pass, then the most
+        draws per forward)."""
         budget = self.config.max_memory
         if budget is None:
-            return default
+            return default, None
         try:
             sample = self.train_data()
             sample = tuple(v[:2] for v in sample) if isinstance(sample, tuple) else sample[:2]
-            return choose_draws_per_forward(model, task, sample, budget, stage=stage,
-                                            config=self.config.fit.curvature, **sizes)
+            plan = plan_scores(model, task, sample, budget, num_queries=num_queries, num_examples=num_examples,
+                               config=self.config.fit.curvature)
         except MemoryError as exc:
             raise StageError(f"--max-memory {budget}: {exc}") from None
+        return plan.draws_per_forward, (None if plan.query_batch >= num_queries else plan.query_batch)

@@ -101,10 +101,15 @@ def fit(ctx: RunContext, d: str, checkpoints: str) -> str:
     model, _ = ctx.trained()
     f = ctx.config.fit
     task = ctx.task()
-    draws = ctx.draws_per_forward(model, task, "fit", f.draws_per_forward)
-    curvature = fit_curvature(model, task, ctx.train_data(), f.curvature, draws_per_forward=draws,
-                              checkpoint_dir=checkpoints, progress=ctx.progress, model_mode=ctx.config.model_mode,
-                              checkpoint_seconds=ctx.config.checkpoint_seconds)
+    # under --max-memory the fit plans itself (memory.plan_fit: draws per forward and, when the state does not
+    # fit, layer partitions, one pair of data passes each)
+    try:
+        curvature = fit_curvature(model, task, ctx.train_data(), f.curvature, draws_per_forward=f.draws_per_forward,
+                                  checkpoint_dir=checkpoints, progress=ctx.progress,
+                                  model_mode=ctx.config.model_mode, checkpoint_seconds=ctx.config.checkpoint_seconds,
+                                  max_memory=ctx.config.max_memory)
+    except MemoryError as exc:
+        raise StageError(f"--max-memory {ctx.config.max_memory}: {exc}") from None
     curvature.save(os.path.join(d, "curvature.safetensors"))
     return curvature.values_fingerprint()
 
@@ -122,8 +127,8 @@ def score(ctx: RunContext, d: str, checkpoints: str) -> str:
     queries = samples["trajectory"] if trajectories else samples["images"]
     task = ctx.task(trajectory_timesteps=samples["timesteps"].tolist() if trajectories else None)
     data = ctx.data()
-    draws = ctx.draws_per_forward(model, task, "scores", sc.draws_per_forward, num_queries=len(queries),
-                                  num_examples=len(data.images))
+    draws, query_batch = ctx.score_plan(model, task, sc.draws_per_forward, num_queries=len(queries),
+                                        num_examples=len(data.images))
     query_data = queries.to(ctx.device)
     if ctx.conditional:
         if "labels" not in samples:
@@ -133,7 +138,7 @@ def score(ctx: RunContext, d: str, checkpoints: str) -> str:
     scores = pairwise_scores(model, task, curvature, query_data, ctx.train_data(), draws_per_forward=draws,
                              damping=sc.damping, damping_mode=sc.damping_mode, progress=ctx.progress,
                              model_mode=ctx.config.model_mode, checkpoint_dir=checkpoints,
-                             checkpoint_seconds=ctx.config.checkpoint_seconds)
+                             checkpoint_seconds=ctx.config.checkpoint_seconds, query_batch=query_batch)
     scores = scores.float().cpu()
     if not torch.isfinite(scores).all():
         raise StageError("scores contain NaN or infinite values (try a larger --damping)")
