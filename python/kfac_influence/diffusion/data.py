@@ -2,9 +2,10 @@
 
 Every loader returns an :class:`ImageDataset`: images as a float32 tensor ``(N, C, H, W)`` in ``[-1, 1]``, a stable
 integer id per example (``ids``, ``(N,)`` int64, used by every output of the pipeline), optional integer class
-labels and, for image folders, the relative path of each file. Ids are stable: the index in ``load_digits`` order
-for the digits, the index in sorted relative-path order for a folder, the ``ids`` array of an ``.npz`` (or its row
-index). Taking a subset (``limit``) keeps the original ids.
+labels and, for image folders, the relative path of each file and optionally its caption (``captions``, read by
+``kfac_influence.diffusion.text.with_captions`` from the folder's ``metadata.jsonl``). Ids are stable: the index
+in ``load_digits`` order for the digits, the index in sorted relative-path order for a folder, the ``ids`` array of
+an ``.npz`` (or its row index). Taking a subset (``limit``) keeps the original ids.
 
 Bad input raises :class:`DataError` (a ``ValueError``) with a one-line message that names the offending file.
 """
@@ -41,7 +42,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ImageDataset(torch.utils.data.Dataset):
-    """Images ``(N, C, H, W)`` float32 in [-1, 1] with stable ids ``(N,)`` int64 and optional labels ``(N,)``.
+    """Images ``(N, C, H, W)`` float32 in [-1, 1] with stable ids ``(N,)`` int64, optional labels ``(N,)`` and
+    optional captions (N strings: the text each image is conditioned on in a text-conditional run).
 
     Indexing returns the image tensor ``(C, H, W)``, so the dataset can be handed to anything expecting a torch
     ``Dataset`` of images.
@@ -53,6 +55,7 @@ class ImageDataset(torch.utils.data.Dataset):
     paths: Optional[Tuple[str, ...]] = None
     source: str = ""
     class_names: Optional[Tuple[str, ...]] = field(default=None)
+    captions: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self):
         if self.images.ndim != 4:
@@ -66,6 +69,8 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.source or 'data'}: labels must have shape ({n},)")
         if self.paths is not None and len(self.paths) != n:
             raise DataError(f"{self.source or 'data'}: {len(self.paths)} paths for {n} images")
+        if self.captions is not None and len(self.captions) != n:
+            raise DataError(f"{self.source or 'data'}: {len(self.captions)} captions for {n} images")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -74,7 +79,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def _fingerprint(self) -> str:
         from ..identity import tensors_fingerprint
 
-        return tensors_fingerprint([self.images, self.ids, self.labels, list(self.names())])
+        captioned = [] if self.captions is None else [["captions", list(self.captions)]]  # none: as before
+        return tensors_fingerprint([self.images, self.ids, self.labels, list(self.names()), *captioned])
 
     def fingerprint(self) -> str:
         """Identity of the data as the library reads it (``identity.data_fingerprint`` uses it): a content hash
@@ -85,7 +91,7 @@ class ImageDataset(torch.utils.data.Dataset):
         an edited, added, removed or renamed image always changes it (mtimes can be preserved by ``cp -p`` or
         ``rsync -t`` while the content changes), and a folder that was merely copied or touched keeps it, so no
         stage reruns for nothing. Resizing, channel choice and the ``limit`` subset are covered because they
-        change the decoded images or the ids."""
+        change the decoded images or the ids; captions, when the data has them, are part of it."""
         return self._fingerprint
 
     def names(self) -> Tuple[str, ...]:
@@ -114,6 +120,7 @@ class ImageDataset(torch.utils.data.Dataset):
             paths=None if self.paths is None else tuple(self.paths[i] for i in index.tolist()),
             source=self.source,
             class_names=self.class_names,
+            captions=None if self.captions is None else tuple(self.captions[i] for i in index.tolist()),
         )
 
 
