@@ -5,7 +5,10 @@ A model spec is one of
     on 2 CPU cores), ``digits-cond`` (the same UNet with ``num_class_embeds=11``: the 10 digit classes and the
     null class 10 of classifier-free guidance) or ``cifar-ddpm`` (the DDPM CIFAR-10 UNet of Ho et al. used by Mlodozeniec et al.: 32x32,
     channels 128/256/256/256, 2 ResNet layers per block, attention at 16x16, dropout 0.1, ~36M parameters);
-  * a ``.json`` file holding ``UNet2DModel`` keyword arguments (a diffusers ``config.json`` works);
+    ``text-tiny`` (a text-conditional ``UNet2DConditionModel`` at digits-tiny's size, cross-attention to token
+    embeddings in its second block and middle; its ``cross_attention_dim`` follows the embeddings' width);
+  * a ``.json`` file holding ``UNet2DModel`` keyword arguments (a diffusers ``config.json`` works), or those of a
+    ``UNet2DConditionModel`` (text-conditional) when ``_class_name`` says so;
   * a local folder saved by diffusers: ``UNet2DModel.save_pretrained`` (``config.json`` + weights) or
     ``DDPMPipeline.save_pretrained`` (``model_index.json``, ``unet/``, ``scheduler/``). Nothing is downloaded.
 
@@ -35,6 +38,8 @@ __all__ = [
     "check_image_size",
     "check_finite_weights",
     "num_class_embeds",
+    "is_text_conditional",
+    "text_width",
 ]
 
 
@@ -77,6 +82,13 @@ PRESETS = {
 # digits-tiny with a class embedding: 10 digit classes plus the null class 10 (classifier-free guidance; trained
 # with condition dropout, the pipeline's TrainConfig.condition_dropout). Same cost as digits-tiny.
 PRESETS["digits-cond"] = dict(PRESETS["digits-tiny"], num_class_embeds=11)
+# text-conditional: digits-tiny's size with cross-attention (second block and the middle) to token embeddings; its
+# cross_attention_dim (32 here) follows the width of the run's embeddings (build_model(cross_attention_dim=E)).
+PRESETS["text-tiny"] = dict(
+    {k: v for k, v in PRESETS["digits-tiny"].items() if k != "dropout"}, _class_name="UNet2DConditionModel",
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=32)
+TEXT_UNET = "UNet2DConditionModel"
 
 
 @dataclass(frozen=True)
@@ -125,14 +137,32 @@ def make_scheduler(config: SchedulerConfig = SchedulerConfig()):
 
 
 def _unet_from_kwargs(kwargs: dict, source: str, seed: int):
-    from diffusers import UNet2DModel
+    import diffusers
 
+    name = "UNet2DConditionModel" if is_text_conditional(kwargs) else "UNet2DModel"
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items() if not k.startswith("_")}
     torch.manual_seed(seed)  # diffusers initialises with the global generator; we restore it below
     try:
-        return UNet2DModel(**kwargs)
+        return getattr(diffusers, name)(**kwargs)
     except (TypeError, ValueError, AssertionError, KeyError, IndexError) as exc:
-        raise ModelError(f"{source}: not a valid UNet2DModel config ({type(exc).__name__}: {exc})".splitlines()[0])
+        raise ModelError(f"{source}: not a valid {name} config ({type(exc).__name__}: {exc})".splitlines()[0])
+
+
+def is_text_conditional(config: dict) -> bool:
+    """Whether a model config is a ``UNet2DConditionModel`` (its ``_class_name``; without one, a config with a
+    ``cross_attention_dim``): a model that takes token embeddings (``encoder_hidden_states``) with every forward
+    pass."""
+    name = config.get("_class_name")
+    return name == TEXT_UNET or (name is None and config.get("cross_attention_dim") is not None)
+
+
+def text_width(config: dict) -> Optional[int]:
+    """The token-embedding width E a ``UNet2DConditionModel`` config takes (``encoder_hid_dim`` when set, else
+    ``cross_attention_dim``, diffusers' default 1280), None for other models."""
+    if not is_text_conditional(config):
+        return None
+    width = config.get("encoder_hid_dim") or config.get("cross_attention_dim", 1280)
+    return int(width) if isinstance(width, int) else None
 
 
 def _read_json_config(path: str) -> dict:
@@ -198,10 +228,13 @@ def check_finite_weights(model: torch.nn.Module, source: str) -> None:
                              f"the model is unusable (retrain it or use another --model)")
 
 
-def build_model(spec: str, seed: int = 0, in_channels: Optional[int] = None, sample_size: Optional[int] = None):
-    """A fresh ``UNet2DModel`` from a preset name or a JSON config, initialised with ``seed``.
+def build_model(spec: str, seed: int = 0, in_channels: Optional[int] = None, sample_size: Optional[int] = None,
+                cross_attention_dim: Optional[int] = None):
+    """A fresh ``UNet2DModel`` (or ``UNet2DConditionModel``) from a preset name or a JSON config, initialised
+    with ``seed``.
 
-    ``in_channels`` / ``sample_size`` override the preset's (e.g. to fit the data); out_channels follows in_channels.
+    ``in_channels`` / ``sample_size`` override the preset's (e.g. to fit the data); out_channels follows in_channels;
+    ``cross_attention_dim`` (text-conditional presets only) the width of the token embeddings.
     The global torch RNG state is left as it was.
     """
     if spec in PRESETS:
@@ -218,6 +251,8 @@ def build_model(spec: str, seed: int = 0, in_channels: Optional[int] = None, sam
         kwargs["in_channels"] = kwargs["out_channels"] = int(in_channels)
     if sample_size is not None:
         kwargs["sample_size"] = int(sample_size)
+    if cross_attention_dim is not None and spec in PRESETS and is_text_conditional(kwargs):
+        kwargs["cross_attention_dim"] = int(cross_attention_dim)
     state = torch.get_rng_state()
     try:
         return _unet_from_kwargs(kwargs, source, seed)
@@ -232,7 +267,7 @@ def load_model(path: str) -> Tuple[torch.nn.Module, Optional[object]]:
     and for weights holding NaN or infinite values (naming the parameter). Weights are read from safetensors, or
     by diffusers' ``torch.load(weights_only=True)`` (no pickled code runs) for ``.bin`` files.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     if not os.path.isdir(path):
         raise ModelError(f"{path}: no such model folder (or preset: {', '.join(PRESETS)})")
@@ -253,12 +288,14 @@ def load_model(path: str) -> Tuple[torch.nn.Module, Optional[object]]:
             cls = json.load(f).get("_class_name", "UNet2DModel")
     except (OSError, ValueError) as exc:
         raise ModelError(f"{cfg}: cannot read ({exc})".splitlines()[0]) from None
-    if cls != "UNet2DModel":
-        raise ModelError(f"{cfg}: model class {cls!r} is not supported (expected UNet2DModel)")
+    if cls not in ("UNet2DModel", TEXT_UNET):
+        raise ModelError(f"{cfg}: model class {cls!r} is not supported (expected UNet2DModel or {TEXT_UNET})")
+    import diffusers
+
     try:
-        model = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+        model = getattr(diffusers, cls).from_pretrained(unet_dir, local_files_only=True)
     except Exception as exc:
-        raise ModelError(f"{unet_dir}: cannot load UNet2DModel ({type(exc).__name__}: {exc})".splitlines()[0][:300]) \
+        raise ModelError(f"{unet_dir}: cannot load {cls} ({type(exc).__name__}: {exc})".splitlines()[0][:300]) \
             from None
     check_finite_weights(model, unet_dir)
     return model, sched

@@ -9,7 +9,7 @@ batch size or on how many samples are drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,8 @@ __all__ = ["SampleResult", "default_timesteps", "transition", "ddpm_sample", "tr
 class SampleResult:
     """``images``: ``(B, C, H, W)`` generated images in [-1, 1]; ``seeds``: ``(B,)`` the seed of each sample;
     ``timesteps``: ``(S,)`` the decreasing timesteps used; ``trajectory``: ``(B, S + 1, C, H, W)`` or None;
-    ``labels``: ``(B,)`` the class each sample was generated for (class-conditional sampling), or None."""
+    ``labels``: ``(B,)`` the class each sample was generated for (class-conditional sampling), or None.
+    (Text-conditional sampling returns no conditions: the caller knows the prompt of each sample.)"""
 
     images: torch.Tensor
     seeds: torch.Tensor
@@ -36,20 +37,28 @@ class _Guided(torch.nn.Module):
     """``model`` under classifier-free guidance: called as ``(x, t, class_labels=y)``, returns
     ``s eps(x, t, y) + (1 - s) eps(x, t, null)`` (``tasks.ddpm.guided_epsilon`` with ``w = s - 1``)."""
 
-    def __init__(self, model, null_label: int, guidance_scale: float):
+    def __init__(self, model, null_label: Optional[int], guidance_scale: float,
+                 null_condition: Optional[Mapping[str, torch.Tensor]] = None):
         super().__init__()
-        self.model, self.null_label, self.w = model, int(null_label), float(guidance_scale) - 1.0
+        self.model, self.w = model, float(guidance_scale) - 1.0
+        self.null_label = None if null_label is None else int(null_label)
+        self.null_condition = null_condition
 
-    def forward(self, x, t, class_labels):
-        null = torch.full_like(class_labels, self.null_label)
-        return guided_epsilon(self.model, x, t, {"class_labels": class_labels}, {"class_labels": null}, self.w)
+    def forward(self, x, t, **condition):
+        if self.null_condition is None:  # class labels
+            null = {"class_labels": torch.full_like(condition["class_labels"], self.null_label)}
+        else:  # one null row (e.g. the empty prompt's embeddings), repeated for the batch
+            null = {k: v.expand(x.shape[0], *v.shape[1:]) for k, v in self.null_condition.items()}
+        return guided_epsilon(self.model, x, t, condition, null, self.w)
 
 
 @torch.no_grad()
 def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: int = 0, batch_size: int = 64,
                 num_inference_steps: Optional[int] = None, record_trajectory: bool = False,
                 progress: bool = True, device=None, class_labels: Optional[torch.Tensor] = None,
-                guidance_scale: float = 1.0, null_label: Optional[int] = None) -> SampleResult:
+                guidance_scale: float = 1.0, null_label: Optional[int] = None,
+                condition: Optional[Mapping[str, torch.Tensor]] = None,
+                null_condition: Optional[Mapping[str, torch.Tensor]] = None) -> SampleResult:
     """Draw ``num_samples`` images of ``shape = (C, H, W)`` by DDPM ancestral sampling (model in eval mode).
 
     Class-conditional sampling: ``class_labels`` ``(num_samples,)`` integers, sample k generated for label k
@@ -57,6 +66,10 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
     convention, ``eps = s eps(x, t, y) + (1 - s) eps(x, t, null_label)``: 1 is plain conditional sampling (one
     forward per step), s > 1 guides (two forwards; needs ``null_label``). The noise of sample k depends only
     on its seed, so the same seed gives the same noise for every label and scale.
+
+    Other conditions (text): ``condition`` holds model keywords with one row per sample, e.g.
+    ``{"encoder_hidden_states": (num_samples, L, E)[, "encoder_attention_mask": (num_samples, L)]}``, and
+    ``null_condition`` the same keys with one row (the empty prompt's), needed for ``guidance_scale != 1``.
 
     Returns a :class:`SampleResult`; the images are the last trajectory state clamped to [-1, 1]. Raises
     ``FloatingPointError`` naming the first sample (and its seed) whose final state holds NaN or infinite values
@@ -66,7 +79,19 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not (isinstance(guidance_scale, (int, float)) and 0.0 <= guidance_scale < float("inf")):
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if class_labels is not None:
+    if condition is not None:
+        if class_labels is not None:
+            raise ValueError("pass class_labels or condition, not both")
+        for k, v in condition.items():
+            if v.shape[0] != num_samples:
+                raise ValueError(f"condition {k!r} must have one row per sample ({num_samples}), got "
+                                 f"{tuple(v.shape)}")
+        if guidance_scale != 1.0:
+            if null_condition is None or set(null_condition) != set(condition) or any(
+                    tuple(v.shape) != (1, *condition[k].shape[1:]) for k, v in null_condition.items()):
+                raise ValueError("guidance_scale != 1 needs null_condition: the condition's keys with one row each "
+                                 "(the null condition, e.g. the empty prompt's embeddings)")
+    elif class_labels is not None:
         class_labels = torch.as_tensor(class_labels)
         if class_labels.shape != (num_samples,) or class_labels.is_floating_point():
             raise ValueError(f"class_labels must be integers of shape ({num_samples},), got "
@@ -75,12 +100,18 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
     elif guidance_scale != 1.0:
         raise ValueError("guidance_scale != 1 needs class_labels (classifier-free guidance is for conditional "
                          "models)")
-    if guidance_scale != 1.0 and null_label is None:
+    if guidance_scale != 1.0 and null_label is None and condition is None:
         raise ValueError("guidance_scale != 1 needs null_label (the label of the null condition)")
-    net = model if guidance_scale == 1.0 else _Guided(model, null_label, guidance_scale)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = param.dtype if param.is_floating_point() else torch.float32
+
+    def on_device(v: torch.Tensor) -> torch.Tensor:  # floating conditions in the model's dtype
+        return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+
+    null = None if condition is None or guidance_scale == 1.0 else \
+        {k: on_device(v) for k, v in null_condition.items()}
+    net = model if guidance_scale == 1.0 else _Guided(model, null_label, guidance_scale, null)
     was_training = model.training
     model.eval()
     timesteps = default_timesteps(scheduler, num_inference_steps)
@@ -99,6 +130,8 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
             B = x.shape[0]
             cond = None if class_labels is None else \
                 {"class_labels": class_labels[b * batch_size:(b + 1) * batch_size].to(device)}
+            if condition is not None:
+                cond = {k: on_device(v[b * batch_size:(b + 1) * batch_size]) for k, v in condition.items()}
             for t, p in zip(timesteps.tolist(), prev.tolist()):
                 tt = torch.full((B,), t, dtype=torch.long, device=device)
                 pp = torch.full((B,), p, dtype=torch.long, device=device)

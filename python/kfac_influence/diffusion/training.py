@@ -40,9 +40,9 @@ class TrainConfig:
     grad_clip: max global gradient norm (0 disables); ema_decay: EMA of the weights (the attributed model), with
     the usual warm-started decay ``min(ema_decay, (1 + step) / (10 + step))``;
     checkpoint_every: steps between checkpoints (0: only at the end); seed: everything random in training;
-    condition_dropout: class-conditional training only (``train(..., labels=...)``): the probability that a
-    training example's label is replaced by the null label in a step (what classifier-free guidance needs);
-    in [0, 1). Unconditional training ignores it.
+    condition_dropout: conditional training only (``train(..., labels=...)`` or ``condition=...``): the
+    probability that a training example's label (or token embeddings) is replaced by the null one in a step (what
+    classifier-free guidance needs); in [0, 1). Unconditional training ignores it.
     """
 
     steps: int = 2000
@@ -171,9 +171,42 @@ def _unprefixed(prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torc
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
+def _check_condition(condition, null_condition, n: int, labels, config: TrainConfig):
+    """Validated ``(condition, null_condition)`` of ``train`` (tensors on the CPU; None, None without)."""
+    if condition is None:
+        if null_condition is not None:
+            raise ValueError("null_condition needs condition")
+        return None, None
+    if labels is not None:
+        raise ValueError("pass labels (class-conditional) or condition (e.g. token embeddings), not both")
+    if not condition:
+        raise ValueError("condition must hold at least one model keyword")
+    condition = {k: torch.as_tensor(v) for k, v in condition.items()}
+    for k, v in condition.items():
+        if v.dim() < 1 or v.shape[0] != n:
+            raise ValueError(f"condition {k!r} must have one row per image ({n}), got {tuple(v.shape)}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"condition {k!r} has NaN or infinite values")
+    if null_condition is None:
+        if config.condition_dropout > 0:
+            raise ValueError("condition dropout > 0 needs null_condition (the empty prompt's embeddings); pass "
+                             "one or set condition_dropout to 0")
+        return condition, None
+    null_condition = {k: torch.as_tensor(v) for k, v in null_condition.items()}
+    if set(null_condition) != set(condition):
+        raise ValueError(f"null_condition has the keys {sorted(null_condition)}, condition {sorted(condition)}")
+    for k, v in null_condition.items():
+        if tuple(v.shape) != (1, *condition[k].shape[1:]) or v.dtype != condition[k].dtype:
+            raise ValueError(f"null_condition {k!r} must be {condition[k].dtype} {(1, *condition[k].shape[1:])}, "
+                             f"got {v.dtype} {tuple(v.shape)}")
+    return condition, null_condition
+
+
 def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: TrainConfig,
           checkpoint_dir: Optional[str] = None, progress: bool = True, device=None,
-          labels: Optional[torch.Tensor] = None, null_label: Optional[int] = None) -> TrainResult:
+          labels: Optional[torch.Tensor] = None, null_label: Optional[int] = None,
+          condition: Optional[Dict[str, torch.Tensor]] = None,
+          null_condition: Optional[Dict[str, torch.Tensor]] = None) -> TrainResult:
     """Train ``model`` (an epsilon predictor called as ``model(x_t, t).sample`` or returning a tensor) on
     ``images`` ``(N, C, H, W)`` in [-1, 1] with the DDPM loss; resumes from ``checkpoint_dir`` if it holds a
     checkpoint of a run with the same config. ``model`` is trained in place (train mode, dropout on).
@@ -182,6 +215,12 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
     ``model(x_t, t, class_labels=y)``; each example's label is replaced by ``null_label`` with probability
     ``config.condition_dropout`` (drawn from the training generator, so a resumed run replays it). Without
     ``labels`` the model is called as ``model(x_t, t)`` and the random stream is that of earlier versions.
+
+    Text-conditional training: ``condition`` holds model keywords with one row per image, e.g.
+    ``{"encoder_hidden_states": (N, L, E)[, "encoder_attention_mask": (N, L)]}``, passed as
+    ``model(x_t, t, **condition[idx])``; ``null_condition`` the same keys with one row (the empty prompt's
+    embeddings, ``(1, L, E)``), which replaces an example's row with probability ``config.condition_dropout``
+    (needed when it is > 0). Not together with ``labels``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
@@ -200,6 +239,7 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
             raise ValueError(f"labels must lie in [0, {int(null_label)}) (label {int(null_label)} is the null "
                              f"condition), got {int(labels.min())}..{int(labels.max())}")
         labels = labels.long()
+    condition, null_condition = _check_condition(condition, null_condition, n, labels, config)
     abar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     T = abar.shape[0]
 
@@ -223,6 +263,9 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
         if labels is not None:
             identity["labels"] = tensors_fingerprint([labels])
             identity["null_label"] = int(null_label)
+        if condition is not None:
+            identity["condition"] = tensors_fingerprint([condition])
+            identity["null_condition"] = tensors_fingerprint([null_condition])
     if ckpt and os.path.isfile(ckpt):
         tensors, saved = load_tensors(ckpt)
         differs = [k for k, v in identity.items() if saved.get(k) != v]
@@ -252,7 +295,17 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
         t = t.to(device)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-        if labels is None:
+        if condition is not None:
+            drop = (torch.rand(x0.shape[0], generator=gen) < config.condition_dropout).to(device)
+            kw = {}
+            for key, rows in condition.items():
+                rows = rows[idx].to(device)
+                if null_condition is not None:
+                    keep = drop.view(-1, *([1] * (rows.dim() - 1)))
+                    rows = torch.where(keep, null_condition[key].to(device).expand_as(rows), rows)
+                kw[key] = rows
+            out = model(xt, t, **kw)
+        elif labels is None:
             out = model(xt, t)
         else:
             y = labels[idx]
