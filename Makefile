@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 TRITON_VERSION := 3.7.1
-STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+TRANSFORMERS_VERSION := 5.24.0
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 
 .PHONY: demo test bench install clean
 
@@ -25,6 +26,8 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py
 	# peers for the adapter tests and bench/peers.py; --no-deps: kronfluence's torchvision pin drags in CUDA torch
 	$(BIN)/pip install -q --no-deps kronfluence==1.0.1 dattri==0.3.0
 	$(BIN)/pip install -q accelerate pyyaml
+	# text-conditional runs' --text-encoder (CLIPTextModel + CLIPTokenizer); its requirements hold no torch
+	$(BIN)/pip install -q transformers==$(TRANSFORMERS_VERSION)
 	$(BIN)/pip uninstall -y -q torchvision 2>/dev/null || true
 	touch $(STAMP)
 

@@ -60,6 +60,32 @@ def _opt_str(text: str) -> Optional[str]:
     return None if text.lower() in ("", "none") else text
 
 
+def _prompt(text: str) -> str:
+    """One prompt (``--prompt``; repeatable)."""
+    return text
+
+
+def _prompts_file(path: str) -> list:
+    """The prompts of a text file (``--prompts``): one per line, blank lines skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read prompts file {path!r} ({type(exc).__name__})") from None
+    if not prompts:
+        raise argparse.ArgumentTypeError(f"prompts file {path!r} holds no prompt")
+    return prompts
+
+
+class _Prompts(argparse.Action):
+    """``--prompt TEXT`` (repeatable) and ``--prompts FILE`` add to one list of prompts, in command-line order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.extend(values if isinstance(values, list) else [values])
+        setattr(namespace, self.dest, items)
+
+
 def _bool(text: str) -> bool:
     t = text.lower()
     if t in ("1", "true", "yes", "on"):
@@ -83,11 +109,22 @@ OPTIONS = {
         (("--labels",), "data", "labels", _opt_bool, None,
          "class-conditional run: train, sample and attribute with class labels (digits: the digit; a folder: one "
          "sub-folder per class; .npz: its 'labels'); 'auto' (none): on when the --model has class embeddings"),
+        (("--captions",), "text", "captions", _opt_bool, None,
+         "text-conditional run: each image under its caption (the folder's metadata.jsonl: file_name, text), as "
+         "token embeddings from --embeddings or --text-encoder; 'auto' (none): on for a UNet2DConditionModel"),
+        (("--embeddings",), "text", "embeddings", _opt_str, None,
+         "precomputed token embeddings (safetensors: embeddings (R, L, E)[, mask (R, L)], metadata texts[, "
+         "file_names]; docs/conditional.md)"),
+        (("--text-encoder",), "text", "encoder", _opt_str, None,
+         "local text encoder folder (transformers CLIPTextModel + CLIPTokenizer: text_encoder/ + tokenizer/; "
+         "never downloaded); default: the --model folder's, if it has one"),
+        (("--max-length",), "text", "max_length", _opt_int, None,
+         "tokens per caption with --text-encoder ('none': the tokenizer's model_max_length)"),
     ],
     "model": [
         (("--model",), "model", "spec", str, None,
-         "model: preset (digits-tiny, digits-cond: class-conditional, cifar-ddpm), a .json UNet2DModel config or "
-         "a local diffusers folder"),
+         "model: preset (digits-tiny, digits-cond: class-conditional, text-tiny: text-conditional, cifar-ddpm), a "
+         ".json UNet2DModel / UNet2DConditionModel config or a local diffusers folder"),
         (("--model-seed",), "model", "seed", int, None, "initialisation seed of a preset/JSON model"),
         (("--timesteps",), "scheduler", "num_train_timesteps", int, None, "diffusion steps T"),
         (("--beta-start",), "scheduler", "beta_start", float, None, "first beta of the linear schedule"),
@@ -105,7 +142,8 @@ OPTIONS = {
          "train: optimiser steps between checkpoints (fit and score: --checkpoint-seconds)"),
         (("--seed",), "train", "seed", int, None, "training seed (batches, timesteps, noise, dropout)"),
         (("--condition-dropout",), "train", "condition_dropout", float, None,
-         "class-conditional runs: probability a training label is replaced by the null class, in [0, 1)"),
+         "conditional runs: probability a training label is replaced by the null class (text: a caption by the "
+         "empty prompt), in [0, 1)"),
     ],
     "sample": [
         (("--num-queries",), "sample", "num_queries", int, None, "generated images to attribute"),
@@ -114,7 +152,13 @@ OPTIONS = {
         (("--sample-batch-size",), "sample", "batch_size", int, None, "images per sampling batch"),
         (("--record-trajectory",), "sample", "record_trajectory", _bool, None, "keep the sampling trajectories"),
         (("--guidance-scale",), "sample", "guidance_scale", float, None,
-         "class-conditional runs: classifier-free guidance s (1: none; s > 1 guides); query k gets class k %% K"),
+         "conditional runs: classifier-free guidance s (1: none; s > 1 guides; text: against the empty prompt); "
+         "query k gets class k %% K"),
+        (("--prompt",), "text", "prompts", _prompt, None,
+         "text-conditional runs: a prompt to generate queries for (repeat it; query k gets prompt k %% P); none: "
+         "the distinct training captions"),
+        (("--prompts",), "text", "prompts", _prompts_file, None,
+         "text-conditional runs: a text file of prompts, one per line (added to --prompt's)"),
     ],
     "fit": [
         (("--method",), "fit.curvature", "method", str, ("ekfac", "kfac"), "curvature approximation"),
@@ -235,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
                 shown = "none" if default is None else default
                 dest = f"{section or '_'}.{name}"
                 metavar = None if choices else name.upper()
+                action = _Prompts if typ in (_prompt, _prompts_file) else None
+                if action is not None:
+                    metavar = "TEXT" if typ is _prompt else "FILE"
                 g.add_argument(flags[0], dest=dest, type=typ, choices=choices, default=SUPPRESS,
-                               help=f"{text} (default: {shown})", metavar=metavar)
+                               help=f"{text} (default: {shown})", metavar=metavar, action=action)
                 for alias in flags[1:]:  # earlier names, still accepted
                     g.add_argument(alias, dest=dest, type=typ, choices=choices, default=SUPPRESS, help=SUPPRESS,
                                    metavar=metavar)
@@ -276,7 +323,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     if hasattr(args, "device"):
         overrides["device"] = args.device
     # paths are recorded absolute, so later commands may run from another folder
-    for section, name in (("data", "source"), ("model", "spec"), ("score", "curvature")):
+    for section, name in (("data", "source"), ("model", "spec"), ("score", "curvature"), ("text", "embeddings"),
+                          ("text", "encoder")):
         value = overrides.get(section, {}).get(name)
         if value and (section != "data" or value != "digits") and (section != "model" or os.path.exists(value)):
             overrides[section][name] = os.path.abspath(value)

@@ -10,11 +10,13 @@ from typing import Callable, Optional, Tuple
 from ..curvature import Curvature, load_curvature
 from ..diffusion.data import ImageDataset, load_dataset
 from ..diffusion.models import ModelError, build_model, check_image_size, load_model, make_scheduler
+from ..diffusion.text import TextConditions, with_captions
 from ..memory import plan_scores
 from ..storage import load_tensors
 from ..tasks import DiffusionTask
 from .layout import StageError
-from .settings import RunConfig, class_conditional, model_class_embeds
+from .settings import RunConfig, class_conditional, model_class_embeds, text_conditional
+from .textrun import check_text, load_text
 
 __all__ = ["RunContext"]
 
@@ -31,6 +33,7 @@ class RunContext:
         self.device = config.resolved_device()
         self._data: Optional[ImageDataset] = None
         self._trained = None
+        self._text: Optional[TextConditions] = None
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
@@ -40,11 +43,24 @@ class RunContext:
         """Whether the run is class-conditional (``settings.class_conditional``)."""
         return class_conditional(self.config)
 
+    @property
+    def text_conditional(self) -> bool:
+        """Whether the run is text-conditional (``settings.text_conditional``)."""
+        return text_conditional(self.config)
+
     def data(self) -> ImageDataset:
-        """The training data; with labels (required) in a class-conditional run."""
+        """The training data; with labels (required) in a class-conditional run, with captions (required: the
+        folder's ``metadata.jsonl``) in a text-conditional one."""
         if self._data is None:
-            self._data = load_dataset(replace(self.config.data, labels=self.conditional or None))
+            data = load_dataset(replace(self.config.data, labels=self.conditional or None))
+            self._data = with_captions(data) if self.text_conditional else data
         return self._data
+
+    def text(self) -> TextConditions:
+        """The token embeddings of a text-conditional run (``textrun.load_text``), loaded once."""
+        if self._text is None:
+            self._text = load_text(self)
+        return self._text
 
     def num_classes(self) -> int:
         """K, the classes of the training data (its class names, else the largest label + 1)."""
@@ -59,6 +75,8 @@ class RunContext:
         """Raise a one-line StageError unless data, model and settings agree: a class-conditional run needs a
         model with ``num_class_embeds`` >= K + 1 (K data classes, the last embedding the null class) and labelled
         data; an unconditional one a model without class embeddings and guidance scale 1."""
+        if check_text(self):  # text: captions, embeddings and a UNet2DConditionModel
+            return
         embeds = model_class_embeds(self.config)
         spec = self.config.model.spec
         if not self.conditional:
@@ -67,7 +85,7 @@ class RunContext:
                                  f"off; use --labels true (or auto)")
             if self.config.sample.guidance_scale != 1.0:
                 raise StageError("--guidance-scale needs a class-conditional run (--labels and a model with class "
-                                 "embeddings, e.g. --model digits-cond)")
+                                 "embeddings, e.g. --model digits-cond) or a text-conditional one (--captions)")
             return
         if embeds is None:
             raise StageError(f"--labels needs a class-conditional model (num_class_embeds = classes + 1, the last "
@@ -78,8 +96,11 @@ class RunContext:
                              f"at least {k + 1} (one more for the null class {embeds - 1})")
 
     def train_data(self):
-        """What the tasks take as training data: the images, or ``(images, labels)`` in a class-conditional run."""
+        """What the tasks take as training data: the images, ``(images, labels)`` in a class-conditional run, or
+        ``(images, embeddings (N, L, E)[, mask (N, L)])`` in a text-conditional one."""
         data = self.data()
+        if self.text_conditional:
+            return self.text().train().as_data(data.images)
         return (data.images, data.labels) if self.conditional else data.images
 
     def initial_model(self):
@@ -93,7 +114,9 @@ class RunContext:
                                  f"has {c}")
             check_image_size(dict(model.config), h, w, spec)
             return model, scheduler or make_scheduler(self.config.scheduler)
-        model = build_model(spec, seed=self.config.model.seed, in_channels=c, sample_size=h)
+        width = self.text().width if self.text_conditional else None  # a text preset follows the embeddings
+        model = build_model(spec, seed=self.config.model.seed, in_channels=c, sample_size=h,
+                            cross_attention_dim=width)
         return model, make_scheduler(self.config.scheduler)
 
     def trained(self):
@@ -117,8 +140,12 @@ class RunContext:
 
     def samples(self) -> dict:
         """``{"images": (Q, C, H, W), "seeds": (Q,), "timesteps": (S,)[, "trajectory": (Q, S + 1, C, H, W)]
-        [, "labels": (Q,) the class each query was generated for (class-conditional runs)]}``."""
-        return self._tensors("samples", "samples.safetensors")[0]
+        [, "labels": (Q,) the class each query was generated for (class-conditional runs)]
+        [, "prompts": Q strings, the prompt each query was generated for (text-conditional runs)]}``."""
+        tensors, header = self._tensors("samples", "samples.safetensors")
+        if isinstance(header.get("prompts"), list):
+            tensors["prompts"] = [str(p) for p in header["prompts"]]
+        return tensors
 
     def scores(self) -> dict:
         """``{"scores": (Q, N), "train_ids": (N,), "query_ids": (Q,), "meta": header}``."""
@@ -134,6 +161,8 @@ class RunContext:
         variance_reduced = sc.draws == "stratified-antithetic"
         if self.conditional:
             extra["condition"] = "class"
+        elif self.text_conditional:
+            extra["condition"] = "text"
         return DiffusionTask(scheduler, num_train_draws=sc.num_train_draws, num_query_draws=sc.num_query_draws,
                              measurement=sc.measurement, seed=sc.seed, stratified=variance_reduced,
                              antithetic=variance_reduced, **extra)

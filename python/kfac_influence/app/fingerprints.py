@@ -3,9 +3,11 @@
 A stage's fingerprint is a hash of its own settings and of the fingerprints of the stages it reads:
 
     train   data (but its source path; labels as the resolved class-conditional flag), model, scheduler, train
-            (condition_dropout and the sample's guidance_scale only for class-conditional runs, so unconditional
-            runs keep the fingerprints of versions without them)
-    sample  train + sample (+ whether trajectories are recorded) + the samples file layout
+            (condition_dropout and the sample's guidance_scale only for class- or text-conditional runs, so
+            unconditional runs keep the fingerprints of versions without them; text-conditional runs add
+            captions: true, the embeddings' content being an input identity)
+    sample  train + sample (+ whether trajectories are recorded) + the samples file layout (+ the prompts of a
+            text-conditional run)
     fit     train + fit (curvature config, draws per forward) + the draw scheme + model_mode
             (+ the score's num_train_draws when the curvature config leaves num_draws to the task)
     score   fit (or the --curvature file's path, size and mtime) + sample + score (damping included) + model_mode
@@ -14,9 +16,10 @@ A stage's fingerprint is a hash of its own settings and of the fingerprints of t
 Damping is a score setting: a damping sweep reruns the score stage only.
 
 What the settings cannot say is checked by identity, not by these fingerprints (``runner.Pipeline.inputs``): the
-training data's content (``ImageDataset.fingerprint``: so a data folder that moved or was copied reruns nothing,
-and one whose images changed reruns every stage that reads it), the ``--model`` files, and what each stage
-produced. Seeds and task settings are settings, so they are in these fingerprints.
+training data's content (``ImageDataset.fingerprint``, captions included: so a data folder that moved or was
+copied reruns nothing, and one whose images changed reruns every stage that reads it), the ``--model`` files, what
+each stage produced, and the token embeddings of a text-conditional run (``TextConditions.identity``: a file's
+rows, or the encoder's files). Seeds and task settings are settings, so they are in these fingerprints.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .settings import RunConfig, class_conditional
+from .settings import RunConfig, class_conditional, text_conditional
 
 __all__ = ["fingerprints", "needs_trajectory", "environment"]
 
@@ -58,11 +61,15 @@ def fingerprints(config: RunConfig) -> Dict[str, str]:
     # the source's content is an input identity instead; labels enter as the resolved class-conditional flag
     data = {k: v for k, v in d["data"].items() if k not in ("source", "labels")}
     train, sample = dict(d["train"]), dict(d["sample"])
+    text = text_conditional(config)
     if class_conditional(config):
         data["labels"] = True
-    else:  # settings an unconditional run ignores: its fingerprints are those of earlier versions
+    elif not text:  # settings an unconditional run ignores: its fingerprints are those of earlier versions
         train.pop("condition_dropout", None)
         sample.pop("guidance_scale", None)
+    if text:  # which embeddings: an input identity (Pipeline.inputs), not a setting
+        data["captions"] = True
+        sample["prompts"] = list(config.text.prompts)
     fp = {"train": _hash({"data": data, "model": d["model"], "scheduler": d["scheduler"], "train": train})}
     fp["sample"] = _hash({"train": fp["train"], "sample": sample, "traj": needs_trajectory(config),
                           "layout": FILE_LAYOUT})

@@ -32,6 +32,7 @@ from .fingerprints import environment, fingerprints
 from .layout import (CHECKPOINTS, DEPENDENCIES, OUTPUTS, STAGE_JSON, STAGES, STAGING, StageError,
                      check_stage_folder, is_own_temporary, legacy_entries, manifest_of, read_json, stage_dir)
 from .settings import RunConfig
+from .textrun import text_inputs
 
 __all__ = ["Pipeline", "RUN_JSON_FORMAT", "INPUT_NAMES"]
 
@@ -40,7 +41,8 @@ RUN_JSON_FORMAT = 2
 
 #: How the log names each input of ``Pipeline.inputs`` when it changed.
 INPUT_NAMES = {"data": "the training data", "initial model": "the --model files", "model": "the trained model",
-               "queries": "the generated queries", "curvature": "the curvature", "scores": "the scores"}
+               "queries": "the generated queries", "curvature": "the curvature", "scores": "the scores",
+               "text": "the token embeddings (--embeddings rows or --text-encoder files)"}
 
 
 def _stderr(message: str) -> None:
@@ -144,7 +146,11 @@ class Pipeline:
     def inputs(self, stage: str) -> Dict[str, Optional[str]]:
         """The identities of what ``stage`` is computed from, beyond its settings (which its fingerprint covers,
         seeds and task settings included): the training data's content, the ``--model`` files, and what the
-        stages it reads produced (or the ``--curvature`` file's content)."""
+        stages it reads produced (or the ``--curvature`` file's content); in a text-conditional run also the
+        token embeddings it reads (``textrun.text_inputs``)."""
+        return {**self._inputs(stage), **text_inputs(self.ctx, stage)}
+
+    def _inputs(self, stage: str) -> Dict[str, Optional[str]]:
         data = self.ctx.data().fingerprint()
         if stage == "train":
             spec = self.config.model.spec

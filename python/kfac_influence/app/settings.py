@@ -20,14 +20,16 @@ import torch
 from ..curvature import CurvatureConfig
 from ..curvature.damping import Damping
 from ..diffusion.data import DataConfig
-from ..diffusion.models import ModelError, SchedulerConfig, model_config, num_class_embeds
+from ..diffusion.models import ModelError, SchedulerConfig, is_text_conditional, model_config, num_class_embeds
+from ..diffusion.text import TextConfig
 from ..diffusion.training import TrainConfig
 from ..engine import MODEL_MODES
 from ..memory import parse_bytes
 from ..tasks.diffusion import MEASUREMENTS
 
 __all__ = ["ModelConfig", "SampleConfig", "FitConfig", "ScoreConfig", "ReportConfig", "RunConfig", "DRAW_SCHEMES",
-           "to_dict", "upgrade_settings", "class_conditional", "model_class_embeds"]
+           "to_dict", "upgrade_settings", "class_conditional", "model_class_embeds", "text_conditional",
+           "TextConfig"]
 
 DRAW_SCHEMES = ("stratified-antithetic", "plain")
 
@@ -145,6 +147,7 @@ class RunConfig:
     fit: FitConfig = FitConfig()
     score: ScoreConfig = ScoreConfig()
     report: ReportConfig = ReportConfig()
+    text: TextConfig = TextConfig()
     model_mode: str = "eval"
     device: str = "auto"
     max_memory: Optional[str] = None
@@ -209,6 +212,19 @@ def class_conditional(config: RunConfig) -> bool:
     if config.data.labels is not None:
         return bool(config.data.labels)
     return model_class_embeds(config) is not None
+
+
+def text_conditional(config: RunConfig) -> bool:
+    """Whether the run is text-conditional: ``text.captions`` when set, else ("auto") whether the ``--model`` is a
+    ``UNet2DConditionModel`` (it takes token embeddings). A text-conditional run trains on each image's caption
+    (``metadata.jsonl``), generates its queries for prompts and attributes them under their prompt
+    (``kfac_influence.diffusion.text``; ``Pipeline.preflight`` checks that data, embeddings and model agree)."""
+    if config.text.captions is not None:
+        return bool(config.text.captions)
+    try:
+        return is_text_conditional(model_config(config.model.spec))
+    except ModelError:
+        return False
 
 
 def to_dict(config) -> dict:

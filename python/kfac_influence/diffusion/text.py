@@ -106,6 +106,9 @@ class TextConfig:
         m = self.max_length
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise TextError(f"max_length must be a whole number >= 1 (or none: the tokenizer's), got {m!r}")
+        if m is not None and self.embeddings:
+            raise TextError("--max-length is for a text encoder; an embeddings file's L is its own (pass "
+                            "--max-length none)")
         prompts = self.prompts
         if isinstance(prompts, str) or not isinstance(prompts, (tuple, list)):
             raise TextError(f"prompts must be a list of strings, got {type(prompts).__name__}")

@@ -21,6 +21,11 @@ def _class_name(c: int, names) -> str:
     return str(names[c]) if names and 0 <= c < len(names) else str(c)
 
 
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
 def write_report(report_dir: str, scores: dict, samples: dict, data, settings, run_dir: Optional[str] = None,
                  link_dir: Optional[str] = None) -> dict:
     """Write the report of one run into ``report_dir``.
@@ -35,6 +40,10 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
     with its class, ``query_conditions`` maps query id to class, and ``class_match`` (the fraction of each query's
     top-k positive / negative scores whose training label equals the query's class, ``exact: true``) is measured
     from the labels; otherwise, for labelled data, from a pixel classifier's guess (``exact: false``).
+
+    Text-conditional runs (``samples["prompts"]``: Q strings, the prompt each query was generated for): every
+    query is titled with its prompt (shortened in figures), ``query_conditions`` maps query id to ``{"prompt":
+    ...}``, and ``train_captions`` maps the id of every training example in a top list to its caption.
 
     ``top_positive`` / ``top_negative`` list, per query, up to ``top_k`` ``[id, file name, score]`` entries with a
     strictly positive / negative score (fewer when fewer scores have that sign).
@@ -93,6 +102,12 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
             "query_class_confidence": [round(float(c), 4) for c in conf],
             "per_query_positive": [round(float(v), 4) for v in cm.per_query],
         }
+    prompts = samples.get("prompts")
+    if prompts is not None:  # text-conditional run: each query's prompt is its condition
+        if len(prompts) != Q:
+            raise ValueError(f"the samples name {len(prompts)} prompts for {Q} queries; rerun the sample stage")
+        summary["query_conditions"] = {int(scores["query_ids"][q]): {"prompt": prompts[q]} for q in range(Q)}
+        summary["guidance_scale"] = settings.sample.guidance_scale
     for q in range(Q):
         pos, neg = signed_top(S[q], k)
         summary["top_positive"][int(scores["query_ids"][q])] = [
@@ -100,11 +115,20 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
         summary["top_negative"][int(scores["query_ids"][q])] = [
             [int(ids[n]), train_names[n], float(S[q, n])] for n in neg]
 
-    def title(q: int) -> str:
+    captions = getattr(data, "captions", None)
+    if captions is not None:
+        shown = {n for q in summary["top_positive"] for n in (e[0] for e in summary["top_positive"][q])}
+        shown |= {n for q in summary["top_negative"] for n in (e[0] for e in summary["top_negative"][q])}
+        where = {int(i): j for j, i in enumerate(ids.tolist())}
+        summary["train_captions"] = {n: captions[where[n]] for n in sorted(shown)}
+
+    def title(q: int, width: int = 24) -> str:
         t = f"query {q}"
         if qlabels is not None:
             c = _class_name(int(qlabels[q]), names)
             t += f" [class {c}]" if conditions is not None else f" [{c}]"
+        if prompts is not None:
+            t += f' "{_clip(prompts[q], width)}"'
         return t
 
     per_query = []
@@ -147,6 +171,14 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
             "example under its own label.",
             "",
         ]
+    if prompts is not None:
+        lines[2:2] = [
+            f"Text-conditional model: query k was generated for prompt k mod P (guidance scale "
+            f"{settings.sample.guidance_scale:g} against the empty prompt; 1: none) and is attributed under that "
+            "prompt's token embeddings; each training example under its caption's. The captions of the training "
+            "examples shown are in report.json (`train_captions`).",
+            "",
+        ]
     if "class_match" in summary:
         cm = summary["class_match"]
         how = ("Each generated image's class is its condition (the class it was generated for), so the fraction is "
@@ -175,7 +207,7 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
         "## Per query",
         "",
     ]
-    lines += [f"- [{title(q)}]({per_query[q]})" for q in range(nfig)]
+    lines += [f"- [{title(q, 200)}]({per_query[q]})" for q in range(nfig)]
     lines += [
         "",
         "## Files",
