@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..diffusion import DataConfig, TrainConfig, build_model, load_dataset, make_scheduler
+from ..identity import tensors_fingerprint
 from ..storage import atomic_write_json, load_tensors, short_message
 from ..tasks import DiffusionTask
 from .ground_truth import diffusion_train_fn, task_measurements
@@ -36,7 +38,16 @@ Pass the same --data / --limit / --data-seed / --image-size as the run, so the t
 of the scores' columns. Scores: a (Q, N) tensor (.safetensors with one tensor or a "scores" entry, .npy, .npz,
 or a .pt tensor file); queries: a (Q, C, H, W) image tensor in [-1, 1] (same formats, an "images" entry).
 Retrained models and measurements are cached under --out, and rerunning resumes. Results: OUT/lds.json or
-OUT/retrain_top.json."""
+OUT/retrain_top.json.
+
+Class-conditional runs (kfac-influence run --model digits-cond ...): pass the run's --model and
+--condition-dropout (--labels auto detects the model's class embeddings). Every retraining trains the kept
+examples with their own labels, dropped to the null class (the model's last class embedding) with that
+probability, as the run did; each query is measured under the class it was generated for: the "labels" entry of
+the samples file (or --query-labels FILE, a (Q,) integer tensor).
+  kfac-influence lds --out runs/c-lds --scores runs/c/scores/scores.safetensors \
+      --queries runs/c/samples/samples.safetensors --data digits --limit 128 --model digits-cond \
+      --condition-dropout 0.1 --steps 2000 --subsets 100 --seeds 5"""
 
 
 def _load_tensor(path: str, key: Optional[str] = None):
@@ -76,6 +87,36 @@ def _read_tensor(path: str, key: Optional[str]):
     return obj
 
 
+def _load_optional(path: str, key: str):
+    """The ``key`` entry of a tensor file (safetensors / .npz / tensor-dict .pt), or None when it has none; never
+    a file's only tensor under another name (a samples file's images are not its labels)."""
+    try:
+        if path.endswith(".safetensors"):
+            d = load_file(path)
+            return d.get(key)
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                return torch.from_numpy(z[key]) if key in z.files else None
+        if path.endswith(".npy"):
+            return None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable tensor file ({type(exc).__name__}: {short_message(exc, 120)})") \
+            from None
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if torch.is_tensor(value) else None
+
+
+def _header(path: str) -> dict:
+    """A pipeline file's JSON header ({} for other files)."""
+    if not path.endswith(".safetensors"):
+        return {}
+    try:
+        return load_tensors(path)[1]
+    except ValueError:
+        return {}
+
+
 def _recorded_train_names(path: str):
     """The training file names a pipeline scores file records (``train_names`` in its header), else None."""
     if not path.endswith(".safetensors"):
@@ -101,6 +142,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--labels", default="auto", choices=["auto", "true", "false"],
+                   help="class-conditional retraining and measurement (auto: when the model has class embeddings)")
+    p.add_argument("--condition-dropout", type=float, default=0.1,
+                   help="class-conditional runs: probability of training a label as the null class (as the run)")
+    p.add_argument("--query-labels", default=None,
+                   help="class-conditional runs: (Q,) file of each query's class (default: the queries file's "
+                        "\"labels\" entry)")
     p.add_argument("--seeds", type=int, default=1, help="retrainings (training seeds) per subset / case")
     p.add_argument("--measurement", default="loss", choices=["loss", "elbo", "simplified_elbo", "square_norm"])
     p.add_argument("--gt-draws", type=int, default=1000, help="common (t, eps) draws per query for measuring")
@@ -132,12 +180,65 @@ def add_subcommands(subparsers) -> None:
     p.set_defaults(func=run_retrain_top)
 
 
+def _class_embeds(model):
+    cfg = getattr(model, "config", None)
+    return cfg.get("num_class_embeds") if cfg is not None and hasattr(cfg, "get") else None
+
+
+def _conditional(args, probe) -> bool:
+    """Whether to retrain and measure class-conditionally (``--labels``, auto: the model has class embeddings)."""
+    cfg = getattr(probe, "config", None)
+    if cfg is not None and hasattr(cfg, "get") and cfg.get("cross_attention_dim") is not None:
+        raise ValueError(f"--model {args.model} is text-conditional; lds and retrain-top retrain unconditional and "
+                         f"class-conditional models only")
+    embeds = _class_embeds(probe)
+    if args.labels == "auto":
+        return embeds is not None
+    if args.labels == "true" and embeds is None:
+        raise ValueError(f"--labels true needs a class-conditional model (num_class_embeds = classes + 1, the last "
+                         f"the null class); --model {args.model} has none")
+    if args.labels == "false" and embeds is not None:
+        raise ValueError(f"--model {args.model} is class-conditional (num_class_embeds={embeds}) but --labels is "
+                         f"false; use --labels true (or auto)")
+    return args.labels == "true"
+
+
+def _query_labels(args, num_queries: int, null_label: int) -> torch.Tensor:
+    """``(Q,)`` int64: the class each query was generated for (``--query-labels``, else the queries file's
+    "labels"), each in ``[0, null_label]`` (the null class is a condition too)."""
+    src = args.query_labels or args.queries
+    y = _load_tensor(src, "labels") if args.query_labels else _load_optional(src, "labels")
+    if y is None:
+        raise ValueError(f"{src}: no \"labels\" entry (the class of each query); a class-conditional run's "
+                         f"samples.safetensors has one, or pass --query-labels FILE")
+    if y.shape != (num_queries,) or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"{src}: query labels must be ({num_queries},) integers, got {y.dtype} {tuple(y.shape)}")
+    y = y.long()
+    if num_queries and (int(y.min()) < 0 or int(y.max()) > null_label):
+        raise ValueError(f"{src}: query labels must lie in [0, {null_label}] ({null_label}: the null class), got "
+                         f"{int(y.min())}..{int(y.max())}")
+    recorded = _header(args.queries).get("null_label")
+    if recorded is not None and int(recorded) != null_label:
+        raise ValueError(f"{args.queries}: its queries were generated with null label {recorded}, --model "
+                         f"{args.model} has null label {null_label} (num_class_embeds - 1); pass the run's --model")
+    return y
+
+
 def _setup(args):
-    data = load_dataset(DataConfig(source=args.data, limit=args.limit, seed=args.data_seed,
-                                   image_size=args.image_size))
-    images = data.images
+    """Data, scores, and the retraining / measurement functions (class-conditional when the run was).
+
+    Returns ``(images (N, C, H, W), scores (Q, N) float64, train_fn, build, measure, key, measurement_tag)``:
+    ``train_fn(kept (n,), seed) -> model``; ``measure(model) -> (Q,)``; ``key``: what the retrained models depend
+    on; ``measurement_tag``: "" or, class-conditional, a digest of the queries and their labels (measurements
+    are cached under it)."""
     scores = _load_tensor(args.scores, "scores").double()
     queries = _load_tensor(args.queries, "images").float()
+    data_cfg = DataConfig(source=args.data, limit=args.limit, seed=args.data_seed, image_size=args.image_size)
+    data = load_dataset(data_cfg)
+    images = data.images
+    c, s = images.shape[1], images.shape[-1]
+    build = lambda seed=0: build_model(args.model, seed=seed, in_channels=c, sample_size=s)  # noqa: E731
+    cond = _conditional(args, build(0))
     if scores.dim() != 2 or scores.shape[1] != len(images):
         raise ValueError(f"scores have shape {tuple(scores.shape)}; expected (Q, N = {len(images)}) for this data")
     names = _recorded_train_names(args.scores)
@@ -148,26 +249,41 @@ def _setup(args):
         raise ValueError(f"queries have shape {tuple(queries.shape)}; expected ({scores.shape[0]}, "
                          f"{', '.join(map(str, images.shape[1:]))})")
     sch = make_scheduler()
-    c, s = images.shape[1], images.shape[-1]
-    build = lambda seed=0: build_model(args.model, seed=seed, in_channels=c, sample_size=s)  # noqa: E731
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
-                      checkpoint_every=0)
-    train_fn = diffusion_train_fn(images, build, sch, cfg)
-    task = DiffusionTask(sch, num_train_draws=1, num_query_draws=args.gt_draws, measurement=args.measurement,
-                         seed=args.gt_seed)
-    measure = lambda m: task_measurements(m, task, queries)  # noqa: E731
     key = {"data": args.data, "limit": args.limit, "data_seed": args.data_seed, "image_size": args.image_size,
-           "model": args.model, "train": cfg.to_dict()}
+           "model": args.model}
+    extra, tag, query_data = {}, "", queries
+    cfg_kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+                  checkpoint_every=0)
+    if cond:
+        data = load_dataset(replace(data_cfg, labels=True))  # the same images, with their labels
+        null_label = int(_class_embeds(build(0))) - 1
+        k = int(data.labels.max()) + 1 if data.labels.numel() else 0
+        if k > null_label:
+            raise ValueError(f"--model {args.model} has num_class_embeds={null_label + 1}: room for {null_label} "
+                             f"classes and the null class, but the data has labels up to {k - 1}")
+        qlabels = _query_labels(args, len(queries), null_label)
+        cfg_kw["condition_dropout"] = args.condition_dropout
+        extra = {"labels": data.labels, "null_label": null_label}
+        key["condition"] = {"kind": "class", "null_label": null_label,
+                            "labels": tensors_fingerprint([data.labels])}
+        query_data = (queries, qlabels)  # each query measured under its own class
+        tag = "_q" + tensors_fingerprint([queries, qlabels])[:12]
+    cfg = TrainConfig(**cfg_kw)
+    key["train"] = cfg.to_dict()
+    train_fn = diffusion_train_fn(images, build, sch, cfg, **extra)
+    task = DiffusionTask(sch, num_train_draws=1, num_query_draws=args.gt_draws, measurement=args.measurement,
+                         seed=args.gt_seed, condition="class" if cond else None)
+    measure = lambda m: task_measurements(m, task, query_data)  # noqa: E731
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    return images, scores, train_fn, build, measure, key
+    return images, scores, train_fn, build, measure, key, tag
 
 
 def run_lds(args) -> int:
-    images, scores, train_fn, build, measure, key = _setup(args)
+    images, scores, train_fn, build, measure, key, tag = _setup(args)
     cfg = LDSConfig(num_subsets=args.subsets, num_seeds=args.seeds, alpha=args.alpha, seed=args.subset_seed)
     run = LDSRun(os.path.join(args.out, "lds"), len(images), cfg, train_fn, build_fn=build, key=key)
     run.retrain(num_workers=args.workers, progress=not args.no_progress)
-    name = f"{args.measurement}_d{args.gt_draws}_s{args.gt_seed}"
+    name = f"{args.measurement}_d{args.gt_draws}_s{args.gt_seed}{tag}"
     truth = run.measure(name, measure, progress=not args.no_progress)[name]
     res = run.lds(scores, truth)
     out = {"lds": res.mean, "lds_sem": res.sem, "num_queries": res.num_valid, "per_query": res.per_query.tolist(),
@@ -185,7 +301,9 @@ def run_lds(args) -> int:
 
 
 def run_retrain_top(args) -> int:
-    images, scores, train_fn, build, measure, key = _setup(args)
+    images, scores, train_fn, build, measure, key, tag = _setup(args)
+    if tag:  # class-conditional: the measurements depend on the queries and their labels
+        key = {**key, "queries": tag[2:]}
     cfg = RetrainTopConfig(percents=tuple(args.percents), num_seeds=args.seeds,
                            queries=tuple(args.query_index) if args.query_index else None)
     res = retrain_top(args.out, scores, train_fn, measure, cfg, key=key, build_fn=build,

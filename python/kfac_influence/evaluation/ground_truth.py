@@ -64,18 +64,36 @@ def measure_all(tasks: Mapping[str, Task], queries: Any, *, num_draws: int, seed
 
 
 def diffusion_train_fn(images: torch.Tensor, build_fn: Callable[[int], nn.Module], scheduler,
-                       config, *, use_ema: bool = True, progress: bool = False) -> Callable[[torch.Tensor, int], nn.Module]:
+                       config, *, use_ema: bool = True, progress: bool = False,
+                       labels: Optional[torch.Tensor] = None,
+                       null_label: Optional[int] = None) -> Callable[[torch.Tensor, int], nn.Module]:
     """A ``train_fn(kept_indices, seed)`` for ``LDSRun``: builds ``build_fn(seed)`` and trains it with
-    ``kfac_influence.diffusion.train`` on ``images[kept_indices]`` with ``config`` (a ``TrainConfig``) and
-    ``seed``; returns the EMA model (or the raw one)."""
+    ``kfac_influence.diffusion.train`` on ``images[kept_indices]`` ``(n_keep, C, H, W)`` with ``config`` (a
+    ``TrainConfig``) and ``seed``; returns the EMA model (or the raw one).
+
+    Class-conditional retraining: ``labels`` ``(N,)`` integers (one per row of ``images``) and ``null_label``
+    (the reserved label of the null condition, e.g. ``num_class_embeds - 1``): the kept examples are trained with
+    their own labels, ``labels[kept_indices]``, and ``config.condition_dropout`` (what the attributed model was
+    trained with)."""
     import dataclasses
 
     from ..diffusion.training import train
 
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},) (one per training image), got "
+                             f"{tuple(labels.shape)}")
+        if null_label is None:
+            raise ValueError("class-conditional retraining needs null_label (the null condition's label)")
+    elif null_label is not None:
+        raise ValueError("null_label is for class-conditional retraining: pass labels too")
+
     def fn(indices: torch.Tensor, seed: int) -> nn.Module:
         model = build_fn(int(seed))
         cfg = dataclasses.replace(config, seed=int(seed))
-        res = train(model, scheduler, images[indices], cfg, progress=progress)
+        cond = {} if labels is None else {"labels": labels[indices], "null_label": int(null_label)}
+        res = train(model, scheduler, images[indices], cfg, progress=progress, **cond)
         return res.model if use_ema else res.raw_model
     return fn
 
