@@ -207,3 +207,79 @@ def test_configs_validate():
         FixedTimestepTask(BETAS, [1000])
     with pytest.raises(ValueError):
         FixedTimestepTask(BETAS, [3], output="nope")
+
+
+class TinyClassEps(TinyEps):
+    """TinyEps with a class embedding added to the time embedding: ``(x_t, t, class_labels) -> eps``."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(num_classes, 3)
+
+    def forward(self, x, t, class_labels):
+        tt = t.to(x.dtype)[:, None] / 1000.0
+        e = self.temb(torch.cat([tt.sin(), tt.cos()], 1)) + self.emb(class_labels)
+        h = torch.tanh(self.c1(x) + e[:, :, None, None])
+        return self.lin(self.c2(h))
+
+
+def _labelled_gradient(model, x_t, t, target, label):
+    """{layer: (d_out, d_in')} of ``mean((target - model(x_t, t, label))^2)`` for one example, by autograd."""
+    mods = select_layers(model)
+    val = (target - model(x_t, t, class_labels=label)).pow(2).mean()
+    out = {}
+    for nm, m in mods.items():
+        params = [m.weight] + ([m.bias] if m.bias is not None else [])
+        gs = torch.autograd.grad(val, params, retain_graph=True)
+        out[nm] = torch.cat([gs[0].flatten(1), gs[1][:, None]], 1) if m.bias is not None else gs[0].flatten(1)
+    return out
+
+
+def test_journey_trak_conditional_scores_each_query_under_its_class():
+    """Class-conditional Journey-TRAK against an autograd reference that passes the labels itself: the query side
+    is the loss at the trajectory state under the query's label (eps_hat computed here), the training side the
+    loss at that t under each example's own label; other query labels give other scores."""
+    torch.manual_seed(4)
+    model = TinyClassEps().double()
+    train, labels = _data(4, 12), torch.tensor([0, 2, 1, 2])
+    timesteps = torch.tensor([900, 600, 300, 0])
+    traj = _data(2 * 5, 13).view(2, 5, 1, 4, 4)
+    qlabels = torch.tensor([1, 0])
+    cfg = TRAKConfig(projection=ProjectionConfig(dim_in=3, dim_out=2, seed=2), damping=0.1)
+    s = journey_trak_scores(model, BETAS, traj, timesteps, (train, labels), cfg, steps=[0, 2], num_train_draws=2,
+                            seed=1, condition="class", query_condition=qlabels)
+    proj = make_projector(model, cfg)
+    abar_all = torch.cumprod(1 - BETAS, 0)
+    ref = 0
+    for i in (0, 2):
+        t = int(timesteps[i])
+        abar = float(abar_all[t])
+        tt = FixedTimestepTask(BETAS, [t], num_train_draws=2, num_query_draws=1, seed=1)  # its noise only
+        phi = {nm: torch.zeros(4, *sp.grad_shape, dtype=torch.float64) for nm, sp in proj.specs.items()}
+        for n in range(4):
+            rows = tt.draws(train[n:n + 1], torch.tensor([n]), "train", num_draws=2, seed=1)
+            for r in range(2):
+                g = _labelled_gradient(model, rows.data["x_t"][r:r + 1], rows.data["t"][r:r + 1],
+                                       rows.data["target"][r:r + 1], labels[n:n + 1])
+                for nm in phi:
+                    phi[nm][n] += g[nm] / 2
+        psi = {nm: torch.zeros(2, *sp.grad_shape, dtype=torch.float64) for nm, sp in proj.specs.items()}
+        for q in range(2):
+            xt, x0 = traj[q:q + 1, i], traj[q:q + 1, -1]
+            eps = (xt - math.sqrt(abar) * x0) / math.sqrt(1 - abar)
+            g = _labelled_gradient(model, xt, torch.tensor([t]), eps, qlabels[q:q + 1])
+            for nm in psi:
+                psi[nm][q] = g[nm]
+        ref = ref + _trak_reference(dense_project(proj, psi), dense_project(proj, phi), 0.1)
+    torch.testing.assert_close(s.double(), ref / 2, rtol=2e-4, atol=1e-6)
+    other = journey_trak_scores(model, BETAS, traj, timesteps, (train, labels), cfg, steps=[0, 2],
+                                num_train_draws=2, seed=1, condition="class", query_condition=(qlabels + 1) % 3)
+    assert not torch.allclose(other, s, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="together"):
+        journey_trak_scores(model, BETAS, traj, timesteps, (train, labels), cfg, condition="class")
+    # D-TRAK takes the condition too (fixed-timestep task with class labels on both sides)
+    d = dtrak_scores(model, BETAS, (traj[:, -1], qlabels), (train, labels), cfg, num_timesteps=2, seed=3,
+                     condition="class")
+    d_other = dtrak_scores(model, BETAS, (traj[:, -1], (qlabels + 1) % 3), (train, labels), cfg, num_timesteps=2,
+                           seed=3, condition="class")
+    assert d.shape == (2, 4) and torch.isfinite(d).all() and not torch.allclose(d, d_other, rtol=1e-3, atol=1e-6)

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from ..tasks.base import MSETask, Draws
+from ..tasks.conditioning import split_batch
 from ..tasks.diffusion import DiffusionTask
 
 OUTPUTS = ("loss", "square_norm")
@@ -40,31 +41,44 @@ class FixedTimestepTask(DiffusionTask):
 class TrajectoryStepTask(MSETask):
     """Queries = the states of recorded sampling trajectories at one step (Journey-TRAK).
 
-    A query is ``(x_t, x_0)``: the trajectory state at timestep ``t`` and the generated image; its measurement is
-    the diffusion loss ``(1/D) ||eps_hat - f(x_t, t)||^2`` with ``eps_hat = (x_t - sqrt(abar_t) x_0) /
-    sqrt(1 - abar_t)``, the noise that takes the generated image to that state. One draw per query (deterministic).
-    """
+    A query is ``(x_t, x_0)``: the trajectory state at timestep ``t`` and the generated image, both ``(C, H, W)``;
+    its measurement is the diffusion loss ``(1/D) ||eps_hat - f(x_t, t)||^2`` with ``eps_hat = (x_t - sqrt(abar_t)
+    x_0) / sqrt(1 - abar_t)``, the noise that takes the generated image to that state. One draw per query
+    (deterministic).
 
-    def __init__(self, scheduler, timestep: int):
-        self._base = DiffusionTask(scheduler, num_train_draws=1, num_query_draws=1)
+    ``condition`` (None, "class", "text" or a ``Conditioning``, as for ``DiffusionTask``): a conditional query is
+    ``(x_t, x_0, labels (B,))`` or ``(x_t, x_0, embeddings (B, L, E)[, mask (B, L)])``, the condition the
+    trajectory was sampled with, passed to the model at the step (the query's measurement under its own
+    condition)."""
+
+    def __init__(self, scheduler, timestep: int, *, condition=None):
+        self._base = DiffusionTask(scheduler, num_train_draws=1, num_query_draws=1, condition=condition)
         if not 0 <= int(timestep) < self._base.T:
             raise ValueError(f"timestep must lie in [0, {self._base.T}), got {timestep}")
         self.timestep = int(timestep)
         self.seed = 0
 
+    @property
+    def conditioning(self):
+        return self._base.conditioning
+
     def num_draws(self, purpose: str) -> int:
         return 1
 
     def draws(self, batch, indices, purpose, *, num_draws, seed):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise ValueError("TrajectoryStepTask expects batches of (x_t, x_0)")
-        xt, x0 = batch
+        want = "(x_t, x_0)" if self.conditioning is None else "(x_t, x_0, condition...)"
+        if not (isinstance(batch, (tuple, list)) and (len(batch) == 2 if self.conditioning is None
+                                                      else len(batch) >= 3)):
+            raise ValueError(f"TrajectoryStepTask expects batches of {want}")
+        xt, x0 = batch[0], batch[1]
+        _, cond = split_batch((xt, *batch[2:]), self.conditioning)
         abar = float(self._base.alphas_cumprod[self.timestep])
         eps = (xt.double() - abar ** 0.5 * x0.double()) / (1 - abar) ** 0.5
         m = int(num_draws)
         rep = lambda v: v.repeat_interleave(m, dim=0)  # noqa: E731
         data = {"x_t": rep(xt), "target": rep(eps.to(xt.dtype)),
                 "t": torch.full((len(indices) * m,), self.timestep, dtype=torch.long)}
+        data.update({k: rep(v) for k, v in cond.items()})
         return Draws(indices.repeat_interleave(m), torch.arange(m).repeat(len(indices)), 1.0 / m, data)
 
     def forward(self, model, rows):

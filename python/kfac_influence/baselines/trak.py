@@ -12,6 +12,10 @@ both sides, as its authors do; its sign is then a heuristic.
 * Journey-TRAK (Georgiev et al. 2023): per sampling step t of a recorded trajectory, the query side is the loss at
   the trajectory state (``TrajectoryStepTask``), the training side the loss at that t; one kernel per step; the
   score is the mean over the chosen steps.
+
+Conditional models: pass ``condition`` ("class" / "text") and the data in its conditional form (training data
+``(images, labels)`` etc.; ``trak_scores`` takes a conditional task); each query is scored under the condition it
+was generated with, each training example under its own.
 """
 from __future__ import annotations
 
@@ -82,24 +86,34 @@ def dtrak_timesteps(num_timesteps: int, T: int) -> list:
 
 
 def dtrak_scores(model: nn.Module, scheduler, queries: Any, train: Any, config: TRAKConfig = TRAKConfig(), *,
-                 num_timesteps: int = 10, seed: int = 0, draws_per_forward: int = 64, progress: bool = False):
-    """D-TRAK scores ``(Q, N)``: square-norm output on both sides at ``num_timesteps`` fixed timesteps."""
+                 num_timesteps: int = 10, seed: int = 0, draws_per_forward: int = 64, progress: bool = False,
+                 condition=None):
+    """D-TRAK scores ``(Q, N)``: square-norm output on both sides at ``num_timesteps`` fixed timesteps.
+    ``condition``: as for ``DiffusionTask`` (queries and train data then carry their conditions)."""
     T = DiffusionTask(scheduler, num_train_draws=1, num_query_draws=1).T
     ts = dtrak_timesteps(num_timesteps, T)
     task = FixedTimestepTask(scheduler, ts, output="square_norm", num_train_draws=len(ts),
-                             num_query_draws=len(ts), measurement="square_norm", seed=seed)
+                             num_query_draws=len(ts), measurement="square_norm", seed=seed, condition=condition)
     return trak_scores(model, task, queries, train, config, draws_per_forward=draws_per_forward, progress=progress)
 
 
 def journey_trak_scores(model: nn.Module, scheduler, trajectory: torch.Tensor, timesteps: torch.Tensor, train: Any,
                         config: TRAKConfig = TRAKConfig(), *, steps: Optional[Sequence[int]] = None,
                         num_steps: int = 10, num_train_draws: int = 4, seed: int = 0, draws_per_forward: int = 64,
-                        progress: bool = False) -> torch.Tensor:
+                        progress: bool = False, condition=None, query_condition=None) -> torch.Tensor:
     """Journey-TRAK scores ``(Q, N)`` averaged over sampling steps.
 
     trajectory: ``(Q, S + 1, C, H, W)`` (``[:, i]`` is the state at ``timesteps[i]``, ``[:, -1]`` the image);
     timesteps: ``(S,)`` decreasing; steps: indices i into the S sampling steps (default: ``num_steps`` evenly
-    spaced ones); num_train_draws: noise draws per training example at each step's t."""
+    spaced ones); num_train_draws: noise draws per training example at each step's t.
+    condition: None, "class", "text" or a ``Conditioning``; then ``train`` carries the training conditions
+    (``(images, labels)``, ...) and ``query_condition`` the condition each trajectory was sampled with: labels
+    ``(Q,)``, or embeddings ``(Q, L, E)`` or a tuple ``(embeddings, mask (Q, L))``."""
+    if (condition is None) != (query_condition is None):
+        raise ValueError("journey_trak_scores: pass condition and query_condition together (a conditional model's "
+                         "trajectories are scored under the condition they were sampled with)")
+    qcond = () if query_condition is None else (
+        tuple(query_condition) if isinstance(query_condition, (tuple, list)) else (query_condition,))
     timesteps = torch.as_tensor(timesteps, dtype=torch.long)
     if trajectory.dim() != 5 or trajectory.shape[1] != timesteps.numel() + 1:
         raise ValueError("trajectory must be (Q, S + 1, C, H, W) with S = len(timesteps)")
@@ -111,11 +125,12 @@ def journey_trak_scores(model: nn.Module, scheduler, trajectory: torch.Tensor, t
     total = None
     for i in steps:
         t = int(timesteps[i])
-        qtask = TrajectoryStepTask(scheduler, t)
-        ttask = FixedTimestepTask(scheduler, [t], num_train_draws=num_train_draws, num_query_draws=1, seed=seed)
+        qtask = TrajectoryStepTask(scheduler, t, condition=condition)
+        ttask = FixedTimestepTask(scheduler, [t], num_train_draws=num_train_draws, num_query_draws=1, seed=seed,
+                                  condition=condition)
         phi = projected_gradients(model, ttask, train, proj, purpose="train", draws_per_forward=draws_per_forward,
                                   progress=progress)
-        psi = projected_gradients(model, qtask, (trajectory[:, i], x0), proj, purpose="query",
+        psi = projected_gradients(model, qtask, (trajectory[:, i], x0, *qcond), proj, purpose="query",
                                   draws_per_forward=draws_per_forward, progress=progress)
         s = kernel_scores(psi, phi, config.damping, config.damping_mode)
         total = s if total is None else total + s
