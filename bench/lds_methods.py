@@ -6,6 +6,11 @@ cached (N = 128 examples of a 41k-parameter model: ~20 MB), then every (E)K-FAC 
 ``<precondition(query grads), train grads>``; K-FAC is derived from the EK-FAC fit (same factors, Lambda = sG sA^T);
 damping sweeps reuse the fit. TRAK / gradient similarity use the same gradients (TRAK through the Kronecker
 projection); D-TRAK, Journey-TRAK and TracIn run their own library passes.
+
+Class-conditional run (``lds_digits.py --conditional``): every task is ``DiffusionTask(condition="class")`` (D-TRAK's
+and Journey-TRAK's too), training data ``(images, labels)`` and queries ``(images, query labels)``, so each
+training example's gradient is taken under its own class and each query's under the class it was generated for;
+``run_conditional`` writes the Figure 2 table and the exact same-class fraction of each method's top influences.
 """
 from __future__ import annotations
 
@@ -45,6 +50,13 @@ class Bench:
         self.draw_seed = int(draw_seed)
         self.sfx = "" if self.draw_seed == 1 else f"_ds{self.draw_seed}"
         self.cache = root / "scores"
+        import lds_digits as LD
+        if LD.S is not S:
+            raise RuntimeError("lds_methods must run with the settings of the lds_digits module it imports")
+        # class-conditional: tasks take (images, labels) and (query images, query labels); else the images
+        self.condition = "class" if LD.conditional() else None
+        self.train_data = (images, LD.load_labels()) if self.condition else images
+        self.query_data = LD.query_data(q)
         from kfac_influence.diffusion import make_scheduler
         self.sch = make_scheduler()
         self.times: Dict[str, float] = {}
@@ -70,14 +82,14 @@ class Bench:
 
     def task(self, measurement: str = "loss", draws: str = "uniform", **kw):
         common = dict(num_train_draws=self.S.draws, num_query_draws=self.S.draws, measurement=measurement,
-                      seed=self.draw_seed)
+                      seed=self.draw_seed, condition=self.condition)
         common.update(kw)
         return DiffusionTask(self.sch, stratified="strat" in draws, antithetic="anti" in draws, **common)
 
     def train_grads(self, model_key="final", draws="uniform"):
         def fn():
             m = self.model(model_key)
-            return example_gradients(m, self.task(draws=draws), select_layers(m), self.images, purpose="train",
+            return example_gradients(m, self.task(draws=draws), select_layers(m), self.train_data, purpose="train",
                                      draws_per_forward=BATCH)
         return self.cached(f"tg_{model_key}_{draws}{self.sfx}", fn)
 
@@ -85,7 +97,7 @@ class Bench:
         def fn():
             m = self.model(model_key)
             return example_gradients(m, self.task(measurement, draws=draws, **kw), select_layers(m),
-                                     self.q["images"], purpose="query", draws_per_forward=BATCH)
+                                     self.query_data, purpose="query", draws_per_forward=BATCH)
         return self.cached(f"qg_{model_key}_{draws}_{measurement}{tag}{self.sfx}", fn)
 
     def curvature(self, approx="expand", fisher="mc", model_key="final", draws="uniform") -> Curvature:
@@ -95,7 +107,7 @@ class Bench:
             t0 = time.time()
             cfg = CurvatureConfig(method="ekfac", approx=approx, fisher=fisher, num_draws=self.S.draws,
                                   seed=self.draw_seed + 1)
-            fit_curvature(m, self.task(draws=draws), self.images, cfg, draws_per_forward=BATCH,
+            fit_curvature(m, self.task(draws=draws), self.train_data, cfg, draws_per_forward=BATCH,
                           progress=False).save(path)
             print(f"  fit {path.name}: {time.time() - t0:.0f} s", flush=True)
         return load_curvature(path, m)
@@ -168,41 +180,8 @@ def run_methods(root: Path, S, images, q, run, gt, stage="all"):
         main[t]["EK-FAC expand MC (camera-ready, tuned abs. damping)"] = (er, f"{ep} {ed:g}")
 
     # ---- baselines ---------------------------------------------------------------------------------------
-    model = b.model("final")
-    specs = LayerCapture(select_layers(model)).specs
-    proj = KroneckerProjector(specs, ProjectionConfig(dim_in=16, dim_out=16, seed=0))
-    phi = proj.project_gradients({n: tg[n].double() for n in specs}).float()
-    trak_time = {}
+    baseline_rows(b, main, qg, tg)
     for t in ("loss", "elbo"):
-        psi = proj.project_gradients({n: qg[t][n].double() for n in specs}).float()
-        sw = {d: b.lds(kernel_scores(psi, phi, d, "relative"), t) for d in TRAK_DAMPINGS}
-        d, r = max(sw.items(), key=lambda kv: kv[1].mean)
-        main[t]["TRAK (Kronecker proj. 16x16/layer, tuned damping)"] = (r, f"rel {d:g}")
-    dt_task = FixedTimestepTask(b.sch, dtrak_timesteps(10, 1000), output="square_norm", num_train_draws=10,
-                                num_query_draws=10, measurement="square_norm", seed=3)
-    feats = b.cached("dtrak_features", lambda: dict(zip(("s", "phi", "psi"), trak_scores(
-        model, dt_task, q["images"], images, TRAKConfig(), draws_per_forward=BATCH, return_features=True))))
-    for t in ("loss", "elbo"):
-        sw = {d: b.lds(kernel_scores(feats["psi"], feats["phi"], d, "relative"), t) for d in TRAK_DAMPINGS}
-        d, r = max(sw.items(), key=lambda kv: kv[1].mean)
-        main[t]["D-TRAK (square norm, 10 timesteps, tuned damping)"] = (r, f"rel {d:g}")
-    jt = b.cached("journey_trak", lambda: journey_trak_scores(
-        model, b.sch, q["trajectory"], q["timesteps"], images, TRAKConfig(damping=1e-2), num_steps=10,
-        num_train_draws=4, draws_per_forward=BATCH))["x"]
-    tracin_task = b.task("loss", num_train_draws=16, num_query_draws=16)
-    lr = 2e-3
-    tr = b.cached("tracin", lambda: tracin_scores(
-        [(b.model(f"raw@{s}"), lr) for s in S.checkpoints], tracin_task, q["images"], images, draws_per_forward=BATCH))["x"]
-    dot = {t: sum(qg[t][n].double().flatten(1) @ tg[n].double().flatten(1).T for n in specs) for t in qg}
-    tnorm = sum(tg[n].double().flatten(1).pow(2).sum(1) for n in specs).sqrt()
-    pix = embedding_similarity(q["images"], images)
-    for t in ("loss", "elbo"):
-        main[t]["Journey-TRAK (10 steps)"] = (b.lds(jt, t), "rel 1e-2")
-        main[t]["TracIn (4 raw checkpoints)"] = (b.lds(tr, t), "")
-        qn = sum(qg[t][n].double().flatten(1).pow(2).sum(1) for n in specs).sqrt()
-        main[t]["Gradient dot product"] = (b.lds(dot[t], t), "")
-        main[t]["Gradient cosine"] = (b.lds(dot[t] / (qn[:, None] * tnorm[None]), t), "")
-        main[t]["Pixel cosine"] = (b.lds(pix, t), "")
         main[t]["Oracle (retraining, seed vs mean of other seeds)"] = (oracle[t], "")
 
     P("### Figure 2 analogue: LDS (%) by method and measurement target")
@@ -245,6 +224,181 @@ def run_methods(root: Path, S, images, q, run, gt, stage="all"):
     (root / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (root / "tables.md").write_text("\n".join(lines) + "\n")
     print(f"methods done in {time.time() - t_start:.0f} s", flush=True)
+
+
+def dtrak_task(b: Bench) -> FixedTimestepTask:
+    return FixedTimestepTask(b.sch, dtrak_timesteps(10, 1000), output="square_norm", num_train_draws=10,
+                             num_query_draws=10, measurement="square_norm", seed=3, condition=b.condition)
+
+
+def journey_trak(b: Bench, model):
+    """Journey-TRAK scores (Q, N), cached; a conditional run scores each trajectory under its query's class."""
+    cond = dict(condition=b.condition, query_condition=b.q["labels"]) if b.condition else {}
+    return b.cached("journey_trak", lambda: journey_trak_scores(
+        model, b.sch, b.q["trajectory"], b.q["timesteps"], b.train_data, TRAKConfig(damping=1e-2), num_steps=10,
+        num_train_draws=4, draws_per_forward=BATCH, **cond))["x"]
+
+
+def tracin(b: Bench):
+    tracin_task = b.task("loss", num_train_draws=16, num_query_draws=16)
+    return b.cached("tracin", lambda: tracin_scores(
+        [(b.model(f"raw@{s}"), 2e-3) for s in b.S.checkpoints], tracin_task, b.query_data, b.train_data,
+        draws_per_forward=BATCH))["x"]
+
+
+def baseline_rows(b: Bench, main: dict, qg, tg) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Add the baselines' rows ``main[target][name] = (MeanSE, setting)`` for targets loss and elbo; returns each
+    row's score matrix ``{target: {name: (Q, N)}}`` (at its tuned damping)."""
+    model = b.model("final")
+    specs = LayerCapture(select_layers(model)).specs
+    proj = KroneckerProjector(specs, ProjectionConfig(dim_in=16, dim_out=16, seed=0))
+    phi = proj.project_gradients({n: tg[n].double() for n in specs}).float()
+    scores = {t: {} for t in ("loss", "elbo")}
+    for t in ("loss", "elbo"):
+        psi = proj.project_gradients({n: qg[t][n].double() for n in specs}).float()
+        sw = {d: b.lds(kernel_scores(psi, phi, d, "relative"), t) for d in TRAK_DAMPINGS}
+        d, r = max(sw.items(), key=lambda kv: kv[1].mean)
+        name = "TRAK (Kronecker proj. 16x16/layer, tuned damping)"
+        main[t][name] = (r, f"rel {d:g}")
+        scores[t][name] = kernel_scores(psi, phi, d, "relative")
+    feats = b.cached("dtrak_features", lambda: dict(zip(("s", "phi", "psi"), trak_scores(
+        model, dtrak_task(b), b.query_data, b.train_data, TRAKConfig(), draws_per_forward=BATCH,
+        return_features=True))))
+    for t in ("loss", "elbo"):
+        sw = {d: b.lds(kernel_scores(feats["psi"], feats["phi"], d, "relative"), t) for d in TRAK_DAMPINGS}
+        d, r = max(sw.items(), key=lambda kv: kv[1].mean)
+        name = "D-TRAK (square norm, 10 timesteps, tuned damping)"
+        main[t][name] = (r, f"rel {d:g}")
+        scores[t][name] = kernel_scores(feats["psi"], feats["phi"], d, "relative")
+    jt = journey_trak(b, model)
+    tr = tracin(b)
+    dot = {t: sum(qg[t][n].double().flatten(1) @ tg[n].double().flatten(1).T for n in specs) for t in qg}
+    tnorm = sum(tg[n].double().flatten(1).pow(2).sum(1) for n in specs).sqrt()
+    pix = embedding_similarity(b.q["images"], b.images)
+    for t in ("loss", "elbo"):
+        qn = sum(qg[t][n].double().flatten(1).pow(2).sum(1) for n in specs).sqrt()
+        rows = {"Journey-TRAK (10 steps)": (jt, "rel 1e-2"), "TracIn (4 raw checkpoints)": (tr, ""),
+                "Gradient dot product": (dot[t], ""), "Gradient cosine": (dot[t] / (qn[:, None] * tnorm[None]), ""),
+                "Pixel cosine": (pix, "")}
+        for name, (sc, setting) in rows.items():
+            main[t][name] = (b.lds(sc, t), setting)
+            scores[t][name] = sc
+    return scores
+
+
+def same_class_fraction(scores: torch.Tensor, query_labels: torch.Tensor, train_labels: torch.Tensor,
+                        k: int = 6) -> Dict[str, float]:
+    """Exact same-class fractions from the labels: of the k largest scores per query (top positive influences)
+    and of the k smallest (top negative), over all queries; ``chance``: the fraction of all training examples
+    that share the query's class. ``scores (Q, N)``, ``query_labels (Q,)``, ``train_labels (N,)``; ties are broken
+    by training index (stable sort)."""
+    s = torch.as_tensor(scores).double()
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    neg = torch.sort(s, dim=1, descending=False, stable=True).indices
+    y, qy = train_labels.long(), query_labels.long()[:, None]
+    return {"positive": float((y[order[:, :k]] == qy).double().mean()),
+            "negative": float((y[neg[:, :k]] == qy).double().mean()),
+            "chance": float((y[None, :] == qy).double().mean())}
+
+
+def run_conditional(root: Path, S, images, q, run, gt, k: int = 6):
+    """The class-conditional run's tables: LDS (%) of (E)K-FAC (expand MC, uniform and stratified + antithetic
+    draws, tuned absolute damping), the baselines and the oracle on targets loss and ELBO, and the exact same-class
+    fraction of each method's top-k positive / negative influences (loss target, at the tuned setting).
+    Writes ``root/results.json`` and ``root/tables.md``."""
+    import lds_digits as LD
+    b = Bench(root, S, images, q, run, gt,
+              lambda steps=None, raw=False: LD.full_model(root, images, steps=steps, raw=raw))
+    t_start = time.time()
+    lines = []
+    P = lambda s="": (print(s, flush=True), lines.append(s))  # noqa: E731
+    main: Dict[str, dict] = {"loss": {}, "elbo": {}}
+    scores: Dict[str, dict] = {"loss": {}, "elbo": {}}
+    for draws, label in (("uniform", "uniform draws"), ("strat+anti", "stratified t + antithetic noise")):
+        tg = b.train_grads(draws=draws)
+        qg = {t: b.query_grads(t, draws=draws) for t in ("loss", "elbo")}
+        curv = b.curvature("expand", "mc", draws=draws)
+        methods = ("kfac", "ekfac") if draws == "uniform" else ("ekfac",)
+        for method in methods:
+            for t in ("loss", "elbo"):
+                (mode, d), r = best(b.sweep(curv, qg[t], tg, t, method, modes=("absolute",)), "absolute")
+                name = f"{'EK-FAC' if method == 'ekfac' else 'K-FAC'} expand MC, {label} (tuned abs. damping)"
+                main[t][name] = (r, f"{mode} {d:g}")
+                scores[t][name] = b.influence(b.variant(curv, method, d, mode), qg[t], tg)
+        if draws == "uniform":
+            uniform = (qg, tg)
+    base = baseline_rows(b, main, *uniform)
+    for t in main:
+        scores[t].update(base[t])
+        main[t]["Oracle (retraining, seed vs mean of other seeds)"] = (run.oracle(gt[t]), "")
+
+    train_labels, qlabels = b.train_data[1], q["labels"]
+    frac = {name: same_class_fraction(sc, qlabels, train_labels, k) for name, sc in scores["loss"].items()}
+    chance = next(iter(frac.values()))["chance"]
+    P("### Class-conditional LDS (%) by method and measurement target, with the same-class fraction of the top "
+      f"{k} influences (loss target)")
+    P("")
+    P(f"| method | LDS loss | LDS ELBO | top-{k} positive same class | top-{k} negative same class | "
+      "setting (loss / ELBO) |")
+    P("|---|---|---|---|---|---|")
+    for name in main["loss"]:
+        f = frac.get(name)
+        ftxt = f"{100 * f['positive']:.1f}% | {100 * f['negative']:.1f}%" if f else "— | —"
+        P(f"| {name} | {fmt(main['loss'][name][0])} | {fmt(main['elbo'][name][0])} | {ftxt} | "
+          f"{main['loss'][name][1]} / {main['elbo'][name][1]} |")
+    P("")
+    P(f"Same-class chance rate (fraction of the N = {len(train_labels)} training digits sharing the query's class, "
+      f"averaged over the {len(qlabels)} queries): {100 * chance:.1f}%.")
+    P("")
+
+    # paired differences over the queries: each EK-FAC row minus the best baseline of each target
+    diffs = {}
+    P("### Paired differences over the queries (LDS points): EK-FAC minus the best baseline per target")
+    P("")
+    P("| comparison | loss | ELBO |")
+    P("|---|---|---|")
+    baselines = [n for n in base["loss"]]
+    top = {t: max(baselines, key=lambda n: main[t][n][0].mean) for t in main}
+    ekfac_rows = [n for n in main["loss"] if n.startswith("EK-FAC")]
+    for name in ekfac_rows:
+        cells = []
+        for t in ("loss", "elbo"):
+            d = paired_difference(main[t][name][0], main[t][top[t]][0])
+            diffs[f"{name} - {top[t]} ({t})"] = [d.mean, d.sem]
+            cells.append(f"{fmt(d)} (vs {top[t].split(' (')[0]})")
+        P(f"| {name.split(' (')[0]} | " + " | ".join(cells) + " |")
+    d = paired_difference(main["loss"][ekfac_rows[1]][0], main["loss"][ekfac_rows[0]][0])
+    e = paired_difference(main["elbo"][ekfac_rows[1]][0], main["elbo"][ekfac_rows[0]][0])
+    diffs["stratified+antithetic - uniform draws"] = {"loss": [d.mean, d.sem], "elbo": [e.mean, e.sem]}
+    P(f"| EK-FAC stratified + antithetic minus uniform draws | {fmt(d)} | {fmt(e)} |")
+    P("")
+
+    # Figure 4 analogue: expand / reduce x MC / empirical Fisher, K-FAC / EK-FAC (loss target, best abs. damping)
+    qg, tg = uniform
+    abl = {}
+    P("### Ablation (loss target; best absolute damping of the grid per cell; uniform draws)")
+    P("")
+    P("| approx | Fisher | K-FAC | EK-FAC |")
+    P("|---|---|---|---|")
+    for approx in ("expand", "reduce"):
+        for fisher in ("mc", "empirical"):
+            curv = b.curvature(approx, fisher)
+            cells = []
+            for method in ("kfac", "ekfac"):
+                (_, dd), r = best(b.sweep(curv, qg["loss"], tg, "loss", method, modes=("absolute",)), "absolute")
+                abl[f"{approx} {fisher} {method}"] = [r.mean, r.sem, dd]
+                cells.append(f"{fmt(r)} (λ={dd:g})")
+            P(f"| {approx} | {fisher} | " + " | ".join(cells) + " |")
+    P("")
+    res = {"settings": dataclasses.asdict(S), "paired_differences": diffs, "ablation_loss": abl,
+           "main": {t: {n: [v[0].mean, v[0].sem, v[1]] for n, v in main[t].items()} for t in main},
+           "per_query": {t: {n: v[0].per_query.tolist() for n, v in main[t].items()} for t in main},
+           "same_class_top_k": {"k": k, "chance": chance, "methods": frac},
+           "query_labels": qlabels.tolist(), "times": b.times, "methods_wall_s": time.time() - t_start}
+    (root / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (root / "tables.md").write_text("\n".join(lines) + "\n")
+    print(f"methods done in {time.time() - t_start:.0f} s", flush=True)
+    return res
 
 
 def go_past(b: Bench, abl, qg, tg, P):
@@ -320,20 +474,22 @@ def precompute(root: Path, S, images, q):
     b.train_grads()
     for t in ("loss", "elbo"):
         b.query_grads(t)
-    for approx in ("expand", "reduce"):
-        for fisher in ("mc", "empirical"):
+    for approx in ("expand",) if b.condition else ("expand", "reduce"):
+        for fisher in ("mc",) if b.condition else ("mc", "empirical"):
             b.curvature(approx, fisher)
     model = b.model("final")
-    dt_task = FixedTimestepTask(b.sch, dtrak_timesteps(10, 1000), output="square_norm", num_train_draws=10,
-                                num_query_draws=10, measurement="square_norm", seed=3)
     b.cached("dtrak_features", lambda: dict(zip(("s", "phi", "psi"), trak_scores(
-        model, dt_task, q["images"], images, TRAKConfig(), draws_per_forward=BATCH, return_features=True))))
-    b.cached("journey_trak", lambda: journey_trak_scores(
-        model, b.sch, q["trajectory"], q["timesteps"], images, TRAKConfig(damping=1e-2), num_steps=10,
-        num_train_draws=4, draws_per_forward=BATCH))
-    tracin_task = b.task("loss", num_train_draws=16, num_query_draws=16)
-    b.cached("tracin", lambda: tracin_scores(
-        [(b.model(f"raw@{s}"), 2e-3) for s in S.checkpoints], tracin_task, q["images"], images, draws_per_forward=BATCH))
+        model, dtrak_task(b), b.query_data, b.train_data, TRAKConfig(), draws_per_forward=BATCH,
+        return_features=True))))
+    journey_trak(b, model)
+    tracin(b)
+    if b.condition:  # the conditional run's table needs only these and the stratified + antithetic variant
+        b.curvature("expand", "mc", draws="strat+anti")
+        b.query_grads("loss", draws="strat+anti")
+        b.query_grads("elbo", draws="strat+anti")
+        b.train_grads(draws="strat+anti")
+        print("precompute done", flush=True)
+        return
     b.query_grads("loss", tag="_shared", share_draws=True)
     for draws in ("strat", "anti", "strat+anti"):
         b.curvature("expand", "mc", draws=draws)
