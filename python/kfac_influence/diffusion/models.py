@@ -5,12 +5,15 @@ A model spec is one of
     on 2 CPU cores), ``digits-cond`` (the same UNet with ``num_class_embeds=11``: the 10 digit classes and the
     null class 10 of classifier-free guidance) or ``cifar-ddpm`` (the DDPM CIFAR-10 UNet of Ho et al. used by Mlodozeniec et al.: 32x32,
     channels 128/256/256/256, 2 ResNet layers per block, attention at 16x16, dropout 0.1, ~36M parameters);
+    ``latent-tiny`` (a latent model: ``digits-cond``'s UNet on the 8x8x2 latents of the VAE preset of the same
+    name, ``vae.VAE_PRESETS``, which the pipeline trains first on the digits upscaled to 32x32);
     ``text-tiny`` (a text-conditional ``UNet2DConditionModel`` at digits-tiny's size, cross-attention to token
     embeddings in its second block and middle; its ``cross_attention_dim`` follows the embeddings' width);
   * a ``.json`` file holding ``UNet2DModel`` keyword arguments (a diffusers ``config.json`` works), or those of a
     ``UNet2DConditionModel`` (text-conditional) when ``_class_name`` says so;
   * a local folder saved by diffusers: ``UNet2DModel.save_pretrained`` (``config.json`` + weights) or
-    ``DDPMPipeline.save_pretrained`` (``model_index.json``, ``unet/``, ``scheduler/``). Nothing is downloaded.
+    ``DDPMPipeline.save_pretrained`` (``model_index.json``, ``unet/``, ``scheduler/``), or a latent pipeline
+    folder, which adds ``vae/`` (an ``AutoencoderKL``; ``vae.vae_source``). Nothing is downloaded.
 
 Presets and JSON configs give freshly initialised (seeded) weights; folders give trained weights.
 The noise schedule is diffusers' ``DDPMScheduler`` with linear betas 1e-4..0.02 over T = 1000 steps unless a
@@ -82,6 +85,8 @@ PRESETS = {
 # digits-tiny with a class embedding: 10 digit classes plus the null class 10 (classifier-free guidance; trained
 # with condition dropout, the pipeline's TrainConfig.condition_dropout). Same cost as digits-tiny.
 PRESETS["digits-cond"] = dict(PRESETS["digits-tiny"], num_class_embeds=11)
+# latent diffusion: digits-cond's UNet on the 8x8x2 latents of the VAE preset "latent-tiny" (vae.VAE_PRESETS)
+PRESETS["latent-tiny"] = dict(PRESETS["digits-cond"], in_channels=2, out_channels=2)
 # text-conditional: digits-tiny's size with cross-attention (second block and the middle) to token embeddings; its
 # cross_attention_dim (32 here) follows the width of the run's embeddings (build_model(cross_attention_dim=E)).
 PRESETS["text-tiny"] = dict(
@@ -301,8 +306,10 @@ def load_model(path: str) -> Tuple[torch.nn.Module, Optional[object]]:
     return model, sched
 
 
-def save_pipeline(model, scheduler, path: str) -> None:
-    """Save ``model`` and ``scheduler`` as a ``DDPMPipeline`` folder, atomically (temp folder, then rename)."""
+def save_pipeline(model, scheduler, path: str, vae=None) -> None:
+    """Save ``model`` and ``scheduler`` as a ``DDPMPipeline`` folder, atomically (temp folder, then rename); with
+    ``vae`` (a latent model's fixed ``AutoencoderKL``) as a latent pipeline folder (``vae.latent_pipeline``:
+    ``model_index.json``, ``unet/``, ``vae/``, ``scheduler/``), which ``--model`` loads back."""
     import shutil
 
     from diffusers import DDPMPipeline
@@ -312,7 +319,12 @@ def save_pipeline(model, scheduler, path: str) -> None:
     tmp = path.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    if vae is None:
+        DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    else:
+        from .vae import latent_pipeline
+
+        latent_pipeline(model, vae, scheduler).save_pretrained(tmp, safe_serialization=True)
     if os.path.exists(path):
         old = path.rstrip("/") + ".old"
         if os.path.exists(old):

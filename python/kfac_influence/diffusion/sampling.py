@@ -58,7 +58,7 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
                 progress: bool = True, device=None, class_labels: Optional[torch.Tensor] = None,
                 guidance_scale: float = 1.0, null_label: Optional[int] = None,
                 condition: Optional[Mapping[str, torch.Tensor]] = None,
-                null_condition: Optional[Mapping[str, torch.Tensor]] = None) -> SampleResult:
+                null_condition: Optional[Mapping[str, torch.Tensor]] = None, clamp: bool = True) -> SampleResult:
     """Draw ``num_samples`` images of ``shape = (C, H, W)`` by DDPM ancestral sampling (model in eval mode).
 
     Class-conditional sampling: ``class_labels`` ``(num_samples,)`` integers, sample k generated for label k
@@ -71,7 +71,8 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
     ``{"encoder_hidden_states": (num_samples, L, E)[, "encoder_attention_mask": (num_samples, L)]}``, and
     ``null_condition`` the same keys with one row (the empty prompt's), needed for ``guidance_scale != 1``.
 
-    Returns a :class:`SampleResult`; the images are the last trajectory state clamped to [-1, 1]. Raises
+    Returns a :class:`SampleResult`; the images are the last trajectory state clamped to [-1, 1] (with
+    ``clamp=False`` as they are: latents of a latent model, whose range is not [-1, 1]). Raises
     ``FloatingPointError`` naming the first sample (and its seed) whose final state holds NaN or infinite values
     (a diverged model), instead of returning it (clamping keeps NaN).
     """
@@ -146,7 +147,7 @@ def ddpm_sample(model, scheduler, num_samples: int, shape: Sequence[int], seed: 
                 j = int((~finite).nonzero()[0])
                 raise FloatingPointError(f"sample {b * batch_size + j} (seed {bseeds[j]}) has NaN or infinite "
                                          f"values after the last sampling step: the model diverged")
-            images.append(x.clamp(-1.0, 1.0).cpu())
+            images.append((x.clamp(-1.0, 1.0) if clamp else x).cpu())
             if record_trajectory:
                 trajs.append(torch.stack(traj, dim=1))
     finally:
