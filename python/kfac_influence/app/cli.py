@@ -3,8 +3,10 @@
     kfac-influence demo --out runs/demo          # everything on the embedded digits, CPU-sized (README: timing)
     kfac-influence run --out runs/x --data imgs/ --model cifar-ddpm --device cuda
     kfac-influence train|sample|fit|score|report --out runs/x [options]   # one stage
+    kfac-influence run --out runs/latent --model latent-tiny     # latent diffusion: vae -> encode -> train ...
 
-Settings are resolved as: the subcommand's defaults, then those recorded in ``OUT/run.json`` by an earlier
+Settings are resolved as: the subcommand's defaults (and those a --model preset brings, ``PRESET_SETTINGS``: e.g.
+latent-tiny's 32x32 images and CPU-sized training), then those recorded in ``OUT/run.json`` by an earlier
 command, then the options given; so a later command on the same folder only names what changes. Stages whose
 outputs exist with the same settings are skipped (see ``kfac_influence.app.runner``). Damping is a score setting:
 ``kfac-influence score --out runs/x --damping 1e-4`` reruns only the score stage, on the existing fit.
@@ -34,7 +36,7 @@ from ..evaluation.cli import add_subcommands
 from ..storage import short_message
 from .lock import RunLock
 from .runner import Pipeline
-from .settings import RunConfig, upgrade_settings
+from .settings import PRESET_SETTINGS, RunConfig, upgrade_settings
 
 __all__ = ["main", "build_parser", "demo_settings"]
 
@@ -193,6 +195,18 @@ OPTIONS = {
         (("--score-seed",), "score", "seed", int, None, "seed of the train and query draws"),
         (("--curvature",), "score", "curvature", _opt_str, None, "use this curvature file instead of the fit stage"),
     ],
+    "vae": [
+        (("--vae-steps",), "vae", "steps", int, None,
+         "latent runs with a VAE preset (--model latent-tiny): VAE training steps (0: keep its initial weights)"),
+        (("--vae-batch-size",), "vae", "batch_size", int, None, "VAE training batch size (images per step)"),
+        (("--vae-lr",), "vae", "lr", float, None, "VAE AdamW learning rate"),
+        (("--vae-warmup-steps",), "vae", "warmup_steps", int, None, "VAE linear learning-rate warmup steps"),
+        (("--vae-kl-weight",), "vae", "kl_weight", float, None, "weight of the VAE's KL term (per pixel)"),
+        (("--vae-checkpoint-every",), "vae", "checkpoint_every", int, None, "VAE steps between checkpoints"),
+        (("--vae-seed",), "vae", "seed", int, None, "VAE training seed (batches, reparameterisation noise)"),
+        (("--encode-batch-size",), "vae", "encode_batch_size", int, None,
+         "latent runs: images per VAE encode call when caching the training latents (recorded with them)"),
+    ],
     "report": [
         (("--top-k",), "report", "top_k", int, None, "training images shown per query and sign"),
         (("--max-query-figures",), "report", "max_query_figures", int, None, "per-query PNGs written"),
@@ -201,23 +215,30 @@ OPTIONS = {
 }
 
 STAGE_GROUPS = {
-    "train": ("data", "model", "train"),
-    "sample": ("data", "model", "train", "sample"),
-    "fit": ("data", "model", "train", "fit", "score"),
-    "score": ("data", "model", "train", "sample", "fit", "score"),
-    "report": ("data", "model", "train", "sample", "fit", "score", "report"),
-    "run": ("data", "model", "train", "sample", "fit", "score", "report"),
-    "demo": ("data", "model", "train", "sample", "fit", "score", "report"),
+    "vae": ("data", "model", "vae"),
+    "encode": ("data", "model", "vae"),
+    "train": ("data", "model", "vae", "train"),
+    "sample": ("data", "model", "vae", "train", "sample"),
+    "fit": ("data", "model", "vae", "train", "fit", "score"),
+    "score": ("data", "model", "vae", "train", "sample", "fit", "score"),
+    "report": ("data", "model", "vae", "train", "sample", "fit", "score", "report"),
+    "run": ("data", "model", "vae", "train", "sample", "fit", "score", "report"),
+    "demo": ("data", "model", "vae", "train", "sample", "fit", "score", "report"),
 }
 
 DESCRIPTIONS = {
+    "vae": "Latent runs with a VAE preset (--model latent-tiny): train the fixed AutoencoderKL on the training "
+           "images (resumable); writes OUT/vae/.",
+    "encode": "Latent runs: encode the training images once with the fixed VAE (latent mean x scaling_factor) into "
+              "a cached, resumable OUT/latents/latents.safetensors.",
     "train": "Train the model (AdamW, warmup, clipping, EMA) with resumable checkpoints; writes OUT/train/.",
     "sample": "Generate the query images by DDPM ancestral sampling; writes OUT/samples/.",
     "fit": "Fit the (E)K-FAC curvature of the training loss on the EMA model; writes OUT/fit/.",
     "score": "Score every query against every training example at the given damping (the fit is reused); "
              "writes OUT/scores/scores.safetensors.",
     "report": "Write the visual report (PNGs, report.md, class-match statistic); writes OUT/report/.",
-    "run": "All stages in order, skipping those whose outputs exist with the same settings.",
+    "run": "All stages in order, skipping those whose outputs exist with the same settings (a latent run, e.g. "
+           "--model latent-tiny, starts with vae and encode).",
     "demo": "`run` on the embedded digits with defaults sized for a CPU (minutes on 2 cores).",
 }
 
@@ -236,8 +257,11 @@ def demo_settings() -> RunConfig:
     })
 
 
-def _defaults(command: str) -> RunConfig:
-    return demo_settings() if command == "demo" else RunConfig()
+def _defaults(command: str, spec: Optional[str] = None) -> RunConfig:
+    """The subcommand's defaults (``demo``'s CPU-sized ones), then those the --model preset ``spec`` brings
+    (``settings.PRESET_SETTINGS``)."""
+    config = demo_settings() if command == "demo" else RunConfig()
+    return config.merged(PRESET_SETTINGS[spec]) if spec in PRESET_SETTINGS else config
 
 
 def _value(config: RunConfig, section: Optional[str], name: str):
@@ -332,9 +356,10 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _resolve(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then OUT/run.json, then explicit options."""
-    config = _defaults(args.command)
+    """Defaults (the subcommand's and the --model preset's), then OUT/run.json, then explicit options."""
     recorded = _recorded(args.out)
+    spec = getattr(args, "model.spec", None) or ((recorded or {}).get("model") or {}).get("spec")
+    config = _defaults(args.command, spec)
     if recorded is not None:
         try:
             config = config.merged(recorded)

@@ -10,6 +10,8 @@ from typing import Callable, Optional, Tuple
 from ..curvature import Curvature, load_curvature
 from ..diffusion.data import ImageDataset, load_dataset
 from ..diffusion.models import ModelError, build_model, check_image_size, load_model, make_scheduler
+from ..diffusion.vae import latent_shape, load_vae, vae_config, vae_source
+from ..latents import load_latents
 from ..diffusion.text import TextConditions, with_captions
 from ..memory import plan_scores
 from ..storage import load_tensors
@@ -33,6 +35,8 @@ class RunContext:
         self.device = config.resolved_device()
         self._data: Optional[ImageDataset] = None
         self._trained = None
+        self._vae = None
+        self._latents = None
         self._text: Optional[TextConditions] = None
 
     def path(self, *parts: str) -> str:
@@ -95,23 +99,79 @@ class RunContext:
             raise StageError(f"the data has {k} classes but --model {spec} has num_class_embeds={embeds}; it needs "
                              f"at least {k + 1} (one more for the null class {embeds - 1})")
 
+    @property
+    def latent(self) -> bool:
+        """Whether the run is a latent diffusion run (``settings.latent_run``: the --model has a fixed VAE)."""
+        return vae_source(self.config.model.spec) is not None
+
+    def input_shape(self) -> tuple:
+        """``(C, H, W)`` of what the UNet takes: one training image, or in a latent run its latent (from the VAE's
+        config, without loading it; a preset VAE takes the data's channels). ModelError (one line) when the VAE
+        cannot take the images."""
+        shape = self.data().shape
+        if not self.latent:
+            return shape
+        spec = self.config.model.spec
+        cfg = vae_config(spec)
+        if vae_source(spec) == "preset":
+            cfg["in_channels"] = shape[0]
+        return latent_shape(cfg, shape, f"the VAE of --model {os.path.basename(spec.rstrip('/')) or spec}")
+
+    def vae(self):
+        """The fixed VAE of a latent run (eval mode, no gradients, on the run's device): the one the ``vae`` stage
+        trained (``OUT/vae/vae``) for a preset, else the --model folder's ``vae/``."""
+        if self._vae is None:
+            src = vae_source(self.config.model.spec)
+            if src is None:
+                raise StageError(f"--model {self.config.model.spec} has no VAE (not a latent run)")
+            vae = load_vae(self.path("vae", "vae") if src == "preset" else src)
+            self._vae = vae.to(self.device).eval().requires_grad_(False)
+        return self._vae
+
+    def forget_vae(self) -> None:
+        """Drop the cached VAE and latents (after the vae or encode stage rewrote them)."""
+        self._vae = self._latents = None
+
+    def latents(self):
+        """The training images' latents ``(N, c, h, w)`` written by the ``encode`` stage (``latents.load_latents``;
+        a StageError when the file is incomplete or of other data)."""
+        if self._latents is None:
+            path = self.path("latents", "latents.safetensors")
+            try:
+                z, header = load_latents(path)
+            except (OSError, ValueError) as exc:
+                raise StageError(f"{path}: {str(exc).splitlines()[0]}; rerun the encode stage with --force") \
+                    from None
+            n = len(self.data())
+            if header.get("done") != n or z.shape[0] != n or tuple(z.shape[1:]) != self.input_shape():
+                raise StageError(f"{path}: holds {z.shape[0]} latents {tuple(z.shape[1:])} of {header.get('done')} "
+                                 f"encoded, not the {n} x {self.input_shape()} of this run's data; rerun the encode "
+                                 f"stage with --force")
+            self._latents = z
+        return self._latents
+
+    def examples(self):
+        """The training examples the UNet sees, ``(N, C, H, W)``: the images, or in a latent run their latents."""
+        return self.latents() if self.latent else self.data().images
+
     def train_data(self):
         """What the tasks take as training data: the images, ``(images, labels)`` in a class-conditional run, or
         ``(images, embeddings (N, L, E)[, mask (N, L)])`` in a text-conditional one."""
         data = self.data()
+        images = self.examples()  # a latent run's: the latents
         if self.text_conditional:
-            return self.text().train().as_data(data.images)
-        return (data.images, data.labels) if self.conditional else data.images
+            return self.text().train().as_data(images)
+        return (images, data.labels) if self.conditional else images
 
     def initial_model(self):
         """The model to train (a preset, a JSON config or a diffusers folder) and its scheduler, on the CPU."""
-        c, h, w = self.data().shape
+        c, h, w = self.input_shape()  # a latent run's: its latents'
         spec = self.config.model.spec
         if os.path.isdir(spec):
             model, scheduler = load_model(spec)  # refuses non-finite weights, naming the tensor
             if model.config.in_channels != c:
-                raise ModelError(f"{spec}: the model takes {model.config.in_channels} channel(s) but the data "
-                                 f"has {c}")
+                raise ModelError(f"{spec}: the model takes {model.config.in_channels} channel(s) but the "
+                                 f"{'latents have' if self.latent else 'data has'} {c}")
             check_image_size(dict(model.config), h, w, spec)
             return model, scheduler or make_scheduler(self.config.scheduler)
         width = self.text().width if self.text_conditional else None  # a text preset follows the embeddings

@@ -2,6 +2,11 @@
 
 A stage's fingerprint is a hash of its own settings and of the fingerprints of the stages it reads:
 
+    vae     (latent runs whose VAE is a preset, trained here) data (but its source path and labels), model,
+            the VAE's training settings (``vae`` but encode_batch_size)
+    encode  (latent runs) vae (for a --model folder's VAE: the model settings; its weights are an input
+            identity) + data (but source and labels) + vae.encode_batch_size + the latents file layout; a latent
+            run's train fingerprint adds encode's
     train   data (but its source path; labels as the resolved class-conditional flag), model, scheduler, train
             (condition_dropout and the sample's guidance_scale only for class- or text-conditional runs, so
             unconditional runs keep the fingerprints of versions without them; text-conditional runs add
@@ -33,6 +38,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..diffusion.vae import vae_source
 from .settings import RunConfig, class_conditional, text_conditional
 
 __all__ = ["fingerprints", "needs_trajectory", "environment"]
@@ -55,6 +61,21 @@ def needs_trajectory(config: RunConfig) -> bool:
     return config.sample.record_trajectory or config.score.measurement == "sampling_trajectory_logprob"
 
 
+def _latent_fingerprints(config: RunConfig, d: dict) -> Dict[str, str]:
+    """``{"vae": ..., "encode": ...}`` of a latent run (no "vae" when the VAE comes from the --model folder),
+    ``{}`` for a pixel-space run."""
+    src = vae_source(config.model.spec)
+    if src is None:
+        return {}
+    data = {k: v for k, v in d["data"].items() if k not in ("source", "labels")}
+    fp = {}
+    if src == "preset":
+        fp["vae"] = _hash({"data": data, "model": d["model"], "vae": config.vae.training()})
+    fp["encode"] = _hash({"vae": fp.get("vae", d["model"]), "data": data,
+                          "batch_size": config.vae.encode_batch_size, "layout": FILE_LAYOUT})
+    return fp
+
+
 def fingerprints(config: RunConfig) -> Dict[str, str]:
     """Fingerprint per stage (16 hex digits)."""
     d = config.to_dict()
@@ -70,7 +91,9 @@ def fingerprints(config: RunConfig) -> Dict[str, str]:
     if text:  # which embeddings: an input identity (Pipeline.inputs), not a setting
         data["captions"] = True
         sample["prompts"] = list(config.text.prompts)
-    fp = {"train": _hash({"data": data, "model": d["model"], "scheduler": d["scheduler"], "train": train})}
+    fp = _latent_fingerprints(config, d)  # {} for a pixel-space run: its fingerprints are those of earlier versions
+    latents = {"latents": fp["encode"]} if fp else {}
+    fp["train"] = _hash({"data": data, "model": d["model"], "scheduler": d["scheduler"], "train": train, **latents})
     fp["sample"] = _hash({"train": fp["train"], "sample": sample, "traj": needs_trajectory(config),
                           "layout": FILE_LAYOUT})
     fit = {"train": fp["train"], "fit": d["fit"], "model_mode": config.model_mode, "draws": config.score.draws}

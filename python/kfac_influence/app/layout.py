@@ -1,9 +1,15 @@
 """What a run folder holds: the stages, their folders, the outputs that mark them done, their dependencies.
 
     OUT/run.json                       every setting, versions, seeds, stage status and timings
-    OUT/train/pipeline/                the EMA model (DDPMPipeline folder: model_index.json, unet/, scheduler/)
+    OUT/vae/vae/                       latent runs with a VAE preset: the trained, fixed AutoencoderKL (diffusers
+                                       folder; config.json records its scaling_factor); losses.json
+    OUT/latents/latents.safetensors    latent runs: the training images' latents (N, c, h, w), header: the
+                                       identities of the VAE's weights and of the images (kfac_influence.latents)
+    OUT/train/pipeline/                the EMA model (DDPMPipeline folder: model_index.json, unet/, scheduler/;
+                                       a latent run's adds vae/, so --model loads it back)
     OUT/train/checkpoints/             the resumable training checkpoint (removed once the stage is done)
     OUT/samples/samples.safetensors    generated queries (images, seeds, timesteps[, trajectory]); samples.png
+                                       (a latent run: latents, the queries, and images, decoded for people)
     OUT/fit/curvature.safetensors      (E)K-FAC factors
     OUT/scores/scores.safetensors      scores (Q, N), train_ids (N,), query_ids (Q,)
     OUT/report/report.md, summary.png, query_XXX.png, report.json
@@ -29,18 +35,23 @@ __all__ = ["STAGES", "STAGE_DIRS", "OUTPUTS", "DEPENDENCIES", "StageError", "rea
            "STAGE_JSON", "CHECKPOINTS", "STAGING", "LEGACY_WRITES", "check_stage_folder", "manifest_of",
            "is_own_temporary", "legacy_entries"]
 
-STAGES = ("train", "sample", "fit", "score", "report")
-STAGE_DIRS = {"train": "train", "sample": "samples", "fit": "fit", "score": "scores", "report": "report"}
+STAGES = ("vae", "encode", "train", "sample", "fit", "score", "report")
+STAGE_DIRS = {"vae": "vae", "encode": "latents", "train": "train", "sample": "samples", "fit": "fit",
+              "score": "scores", "report": "report"}
 OUTPUTS = {
+    "vae": ("vae/config.json", "vae/diffusion_pytorch_model.safetensors"),
+    "encode": ("latents.safetensors",),
     "train": ("pipeline/model_index.json", "pipeline/unet/config.json"),
     "sample": ("samples.safetensors", "samples.png"),
     "fit": ("curvature.safetensors",),
     "score": ("scores.safetensors",),
     "report": ("report.md", "summary.png", "report.json"),
 }
-#: Stages each stage reads (the score stage reads no fit when it is given a curvature file).
-DEPENDENCIES = {"train": (), "sample": ("train",), "fit": ("train",), "score": ("sample", "fit"),
-                "report": ("score",)}
+#: Stages each stage reads (the score stage reads no fit when it is given a curvature file; in a latent run the
+#: train stage reads encode's latents, and encode reads no vae stage when the VAE comes from the --model folder).
+#: vae and encode run only in latent runs (``runner.Pipeline.stages_to_run``).
+DEPENDENCIES = {"vae": (), "encode": ("vae",), "train": (), "sample": ("train",), "fit": ("train",),
+                "score": ("sample", "fit"), "report": ("score",)}
 
 
 STAGE_JSON = "stage.json"
@@ -48,6 +59,8 @@ CHECKPOINTS = "checkpoints"
 STAGING = ".new"
 #: What each stage wrote before stage.json had a manifest (a stage.json without one is from such a version).
 LEGACY_WRITES = {
+    "vae": (),  # stages born with manifests
+    "encode": (),
     "train": ("pipeline", "pipeline.tmp", "pipeline.old", "losses.json"),
     "sample": ("samples.safetensors", "samples.png"),
     "fit": ("curvature.safetensors",),

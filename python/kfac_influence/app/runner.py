@@ -24,6 +24,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..diffusion.models import check_image_size, model_config
+from ..diffusion.vae import vae_source
 from ..engine import CheckpointMismatch
 from ..storage import atomic_write_json, short_message
 from . import stages
@@ -40,7 +41,8 @@ __all__ = ["Pipeline", "RUN_JSON_FORMAT", "INPUT_NAMES"]
 RUN_JSON_FORMAT = 2
 
 #: How the log names each input of ``Pipeline.inputs`` when it changed.
-INPUT_NAMES = {"data": "the training data", "initial model": "the --model files", "model": "the trained model",
+INPUT_NAMES = {"vae": "the VAE (its weights)", "latents": "the cached latents", "data": "the training data",
+               "initial model": "the --model files", "model": "the trained model",
                "queries": "the generated queries", "curvature": "the curvature", "scores": "the scores",
                "text": "the token embeddings (--embeddings rows or --text-encoder files)"}
 
@@ -104,11 +106,20 @@ class Pipeline:
     def dependencies(self, stage: str) -> Tuple[str, ...]:
         if stage == "score" and self.config.score.curvature:
             return ("sample",)
+        src = vae_source(self.config.model.spec)
+        if stage == "encode" and src != "preset":  # the --model folder's VAE: no vae stage
+            return ()
+        if stage == "train" and src is not None:  # a latent run trains on the latents
+            return ("encode",)
         return DEPENDENCIES[stage]
 
     def stages_to_run(self) -> Tuple[str, ...]:
-        """Every stage in order; no fit when the score stage is given a curvature file."""
-        return tuple(st for st in STAGES if not (st == "fit" and self.config.score.curvature))
+        """Every stage in order; no fit when the score stage is given a curvature file; vae and encode only in a
+        latent run (vae only when its VAE is a preset, trained here)."""
+        src = vae_source(self.config.model.spec)
+        skip = {"fit"} if self.config.score.curvature else set()
+        skip |= {"vae", "encode"} if src is None else (set() if src == "preset" else {"vae"})
+        return tuple(st for st in STAGES if st not in skip)
 
     # -- checks before anything is written -----------------------------------------------------------------------
     def preflight(self, stages_: Tuple[str, ...], force: bool = False) -> None:
@@ -116,15 +127,22 @@ class Pipeline:
         against the model's class embeddings (``RunContext.check_condition``), the model against the data's image
         size, and that the folders of the stages of ``stages_`` that will run (not up to date, or
         ``force``) hold no foreign files (``run_stage`` checks again, for stages rerun because an earlier one
-        changed its outputs). Raises one-line errors."""
+        changed its outputs). A latent run checks the VAE against the images and the UNet against their latents.
+        Raises one-line errors."""
         self.ctx.device  # noqa: B018  (resolved and validated in RunContext)
+        for st in stages_:
+            if st in ("vae", "encode") and st not in self.stages_to_run():
+                spec = self.config.model.spec
+                raise StageError(f"the {st} stage is for latent runs with a VAE preset (e.g. --model latent-tiny)"
+                                 if vae_source(spec) else f"the {st} stage is for latent runs (--model latent-tiny "
+                                 f"or a diffusers pipeline folder with vae/); --model {spec} has no VAE")
         source = self.config.data.source
         if os.path.isdir(source):
             data_dir, out = os.path.realpath(source), os.path.realpath(self.out)
             if out == data_dir or out.startswith(data_dir + os.sep):
                 raise StageError(f"--out {self.out} is inside the training data folder {source}: the run's own "
                                  f"images would become training data; use an --out outside it")
-        c, h, w = self.ctx.data().shape
+        c, h, w = self.ctx.input_shape()  # a latent run's: the latents' (the VAE checked against the images)
         self.ctx.check_condition()  # labels, class embeddings and guidance agree
         will_run = [st for st in stages_ if force or self.why_not_done(st) is not None]
         if "train" in will_run:
@@ -152,20 +170,38 @@ class Pipeline:
 
     def _inputs(self, stage: str) -> Dict[str, Optional[str]]:
         data = self.ctx.data().fingerprint()
+        if stage in ("vae", "encode"):
+            return {"data": data, **self._latent_inputs(stage)}
         if stage == "train":
             spec = self.config.model.spec
-            return {"data": data, "initial model": self._path_identity(spec) if os.path.exists(spec) else spec}
+            return {"data": data, "initial model": self._path_identity(spec) if os.path.exists(spec) else spec,
+                    **self._latent_inputs(stage)}
         if stage == "sample":
-            return {"model": self.produced("train")}
+            return {"model": self.produced("train"), **self._latent_inputs(stage)}
         if stage == "fit":
-            return {"data": data, "model": self.produced("train")}
+            return {"data": data, "model": self.produced("train"), **self._latent_inputs(stage)}
         if stage == "score":
             path = self.config.score.curvature
             curvature = self.produced("fit") if not path else (self._path_identity(path) if os.path.isfile(path)
                                                                 else path)
             return {"data": data, "model": self.produced("train"), "queries": self.produced("sample"),
-                    "curvature": curvature}
+                    "curvature": curvature, **self._latent_inputs(stage)}
         return {"data": data, "queries": self.produced("sample"), "scores": self.produced("score")}
+
+    def _latent_inputs(self, stage: str) -> Dict[str, Optional[str]]:
+        """A latent run's further inputs: the VAE (the vae stage: which preset; encode, and sample, which decodes
+        the queries: its weights, as the vae stage produced them or the --model folder's vae/ files) and the
+        cached latents (train, fit, score). ``{}`` in a pixel-space run."""
+        src = vae_source(self.config.model.spec)
+        if src is None:
+            return {}
+        if stage == "vae":
+            return {"initial model": self.config.model.spec}
+        if stage in ("encode", "sample"):
+            return {"vae": self.produced("vae") if src == "preset" else self._path_identity(src)}
+        if stage in ("train", "fit", "score"):
+            return {"latents": self.produced("encode")}
+        return {}
 
     def why_not_done(self, stage: str) -> Optional[str]:
         """None when ``stage`` is done for the current settings and inputs; else why not (for the log)."""
@@ -214,7 +250,8 @@ class Pipeline:
             "created": old.get("created", now),
             "updated": now,
             "settings": c.to_dict(),
-            "seeds": {"data_subset": c.data.seed, "model_init": c.model.seed, "train": c.train.seed,
+            "seeds": {"data_subset": c.data.seed, "model_init": c.model.seed, "vae": c.vae.seed,
+                      "train": c.train.seed,
                       "sample": c.sample.seed, "fit": c.fit.curvature.seed, "score": c.score.seed},
             "device": str(self.ctx.device),
             "versions": environment(),
@@ -293,6 +330,8 @@ class Pipeline:
         _remove(checkpoints)  # resumable state, no longer needed
         if stage == "train":
             self.ctx.forget_trained()
+        if stage in ("vae", "encode"):
+            self.ctx.forget_vae()
         self.write_run_json({stage: {"fingerprint": fp, "status": "done", "seconds": secs}})
         self.log(f"[{stage}] done in {secs:.1f} s")
         return "done"

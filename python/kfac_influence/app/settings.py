@@ -23,6 +23,7 @@ from ..diffusion.data import DataConfig
 from ..diffusion.models import ModelError, SchedulerConfig, is_text_conditional, model_config, num_class_embeds
 from ..diffusion.text import TextConfig
 from ..diffusion.training import TrainConfig
+from ..diffusion.vae import VAEConfig, vae_source
 from ..engine import MODEL_MODES
 from ..memory import parse_bytes
 from ..tasks.diffusion import MEASUREMENTS
@@ -30,6 +31,8 @@ from ..tasks.diffusion import MEASUREMENTS
 __all__ = ["ModelConfig", "SampleConfig", "FitConfig", "ScoreConfig", "ReportConfig", "RunConfig", "DRAW_SCHEMES",
            "to_dict", "upgrade_settings", "class_conditional", "model_class_embeds", "text_conditional",
            "TextConfig"]
+
+__all__ += ["VAEConfig", "latent_run", "PRESET_SETTINGS"]
 
 DRAW_SCHEMES = ("stratified-antithetic", "plain")
 
@@ -137,7 +140,8 @@ class RunConfig:
     by the curvature fit, train gradients and query gradients, so all three see the same network; ``max_memory``
     (e.g. "6GiB") picks the fit's and the score's draws per forward pass instead of their settings;
     ``checkpoint_seconds``: the fit and score stages save their resumable state this often (and on Ctrl-C); it
-    changes no result, so no fingerprint has it."""
+    changes no result, so no fingerprint has it. ``vae``: the fixed VAE of a latent run (training a VAE preset,
+    encoding; ``latent_run``), ignored by other runs."""
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -147,6 +151,7 @@ class RunConfig:
     fit: FitConfig = FitConfig()
     score: ScoreConfig = ScoreConfig()
     report: ReportConfig = ReportConfig()
+    vae: VAEConfig = VAEConfig()
     text: TextConfig = TextConfig()
     model_mode: str = "eval"
     device: str = "auto"
@@ -225,6 +230,30 @@ def text_conditional(config: RunConfig) -> bool:
         return is_text_conditional(model_config(config.model.spec))
     except ModelError:
         return False
+
+
+def latent_run(config: RunConfig) -> bool:
+    """Whether the run is a latent diffusion run: its ``--model`` has a fixed VAE (``diffusion.vae.vae_source``:
+    a VAE preset such as ``latent-tiny``, trained by the ``vae`` stage, or a diffusers pipeline folder with
+    ``vae/``). Its training images are encoded once (the ``encode`` stage) and the UNet is trained, fitted and
+    scored on their latents; its queries are generated latents, decoded for the report (docs/latent.md)."""
+    return vae_source(config.model.spec) is not None
+
+
+#: Defaults a model preset brings for the settings a command does not give (nor ``run.json`` records): CPU-sized
+#: runs, like ``demo``'s. ``latent-tiny``: the digits upscaled to 32x32 for its VAE, no clipping of the predicted
+#: latents (their range is not [-1, 1]), and training, fit and score sizes that keep the whole run to minutes on a
+#: CPU (half the demo's fit and training-example draws; docs/latent.md).
+PRESET_SETTINGS = {
+    "latent-tiny": {
+        "data": {"image_size": 32},
+        "scheduler": {"clip_sample": False},
+        "train": {"steps": 800, "batch_size": 128, "lr": 3e-3, "warmup_steps": 100, "ema_decay": 0.995,
+                  "checkpoint_every": 500},
+        "fit": {"curvature": {"num_draws": 2}, "draws_per_forward": 256},
+        "score": {"num_train_draws": 4, "num_query_draws": 64, "draws_per_forward": 256},
+    },
+}
 
 
 def to_dict(config) -> dict:

@@ -5,7 +5,12 @@ returns the identity of what it produced (model weights, queries, curvature valu
 ``stage.json`` and compared by the stages that read it).
 
 A body assumes its dependencies are done (the runner checks). The fit and score stages checkpoint every
-``RunConfig.checkpoint_seconds`` seconds and on SIGINT / SIGTERM (at the end of the current group).
+``RunConfig.checkpoint_seconds`` seconds and on SIGINT / SIGTERM (at the end of the current group); the encode stage
+saves its partial latents as often, the vae and train stages every ``checkpoint_every`` steps.
+
+Latent runs (``RunContext.latent``) add two stages before train: ``vae`` trains a VAE preset and ``encode``
+encodes the training images once into ``latents.safetensors``; train, fit and score then see the latents
+(``RunContext.examples``) and the sample stage generates latents and decodes them for the figures and the report.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from ..curvature import fit_curvature
 from ..diffusion.models import save_pipeline
 from ..diffusion.sampling import ddpm_sample
 from ..diffusion.training import train as train_model
+from ..diffusion.vae import build_vae, save_vae, train_vae
+from ..engine import CheckpointMismatch
+from ..latents import LatentsMismatch, decode_latents, encode_latents
 from ..report.figures import samples_figure
 from ..report.writer import write_report
 from ..identity import tensors_fingerprint
@@ -47,9 +55,50 @@ def class_names(data, k: int) -> tuple:
     return tuple(data.class_names) if data.class_names else tuple(str(c) for c in range(k))
 
 
+def vae(ctx: RunContext, d: str, checkpoints: str) -> str:
+    """Train the run's VAE preset on the training images (``diffusion.vae.train_vae``: seeded, resumable, its
+    ``scaling_factor`` set to give unit-variance latents); write ``vae/`` (a diffusers ``AutoencoderKL`` folder)
+    and ``losses.json``. Produces: the VAE weights' fingerprint."""
+    data = ctx.data()
+    c, h, _ = data.shape
+    model = build_vae(ctx.config.model.spec, seed=ctx.config.model.seed, in_channels=c, sample_size=h)
+    result = train_vae(model, data.images, ctx.config.vae, checkpoint_dir=checkpoints, progress=ctx.progress,
+                       device=ctx.device)
+    trained = result.vae.cpu()
+    save_vae(trained, os.path.join(d, "vae"))
+    atomic_write_json(os.path.join(d, "losses.json"), {
+        "resumed_from": result.resumed_from, "scaling_factor": result.scaling_factor,
+        "columns": ["reconstruction MSE per pixel", "KL per pixel"], "losses": result.losses})
+    if result.losses:
+        tail = [r for r, _ in result.losses[-min(100, len(result.losses)):]]
+        ctx.log(f"[vae] mean reconstruction MSE of the last {len(tail)} steps: {sum(tail) / len(tail):.4f}; "
+                f"scaling factor {result.scaling_factor:.4f}")
+    return model_fingerprint(trained.named_parameters())["values"]
+
+
+def encode(ctx: RunContext, d: str, checkpoints: str) -> str:
+    """Encode the training images once with the run's fixed VAE: ``z = scaling_factor * E(x).mean``
+    (deterministic: the latent mean, no sample; ``kfac_influence.latents.encode_latents``), ``vae.encode_batch_size``
+    images at a time; write ``latents.safetensors`` (latents ``(N, c, h, w)``; its header records the identities of
+    the VAE's weights and of the images). The partial file lives in ``checkpoints`` (saved every
+    ``checkpoint_seconds``), so an interrupted encoding resumes from its last saved batch and writes the same
+    bytes. Produces: the latents' fingerprint."""
+    partial = os.path.join(checkpoints, "latents.safetensors")
+    try:
+        z = encode_latents(ctx.vae(), ctx.data().images, partial, batch_size=ctx.config.vae.encode_batch_size,
+                           seconds=ctx.config.checkpoint_seconds, progress=ctx.progress)
+    except LatentsMismatch as exc:  # a partial file of other inputs: the runner starts over once
+        raise CheckpointMismatch(str(exc)) from None
+    if not bool(torch.isfinite(z).all()):
+        raise StageError("the VAE's latents of the training images hold NaN or infinite values; the VAE is unusable")
+    os.replace(partial, os.path.join(d, "latents.safetensors"))
+    return tensors_fingerprint([z])
+
+
 def train(ctx: RunContext, d: str, checkpoints: str) -> str:
     """Train the initial model; write the EMA model (``pipeline/``) and the losses. Produces: the EMA weights'
-    fingerprint."""
+    fingerprint. A latent run trains on the latents and saves its VAE in ``pipeline/vae/`` (a latent pipeline
+    folder, which ``--model`` loads)."""
     ctx.check_condition()
     model, scheduler = ctx.initial_model()
     model.to(ctx.device)
@@ -58,10 +107,10 @@ def train(ctx: RunContext, d: str, checkpoints: str) -> str:
         null = ctx.text().null()
         cond = {"condition": ctx.text().train().as_condition(),
                 "null_condition": None if null is None else null.as_condition()}
-    result = train_model(model, scheduler, ctx.data().images, ctx.config.train, checkpoint_dir=checkpoints,
+    result = train_model(model, scheduler, ctx.examples(), ctx.config.train, checkpoint_dir=checkpoints,
                          progress=ctx.progress, device=ctx.device, **cond)
     ema = result.model.cpu()
-    save_pipeline(ema, scheduler, os.path.join(d, "pipeline"))
+    save_pipeline(ema, scheduler, os.path.join(d, "pipeline"), vae=ctx.vae() if ctx.latent else None)
     atomic_write_json(os.path.join(d, "losses.json"), {"resumed_from": result.resumed_from,
                                                        "losses": result.losses})
     if result.losses:
@@ -73,7 +122,8 @@ def train(ctx: RunContext, d: str, checkpoints: str) -> str:
 def sample(ctx: RunContext, d: str, checkpoints: str) -> str:
     """Generate the queries; write ``samples.safetensors`` (with the queries' names; in a class-conditional run
     also ``labels`` (Q,): query k is generated for class ``k % K``, with the sample settings' guidance scale) and
-    ``samples.png``. Produces: the samples' fingerprint."""
+    ``samples.png``. Produces: the samples' fingerprint. A latent run generates latents (``latents`` (Q, c, h, w),
+    not clamped: the queries) and stores them decoded by its VAE as ``images`` (Q, C, H, W) for people."""
     model, scheduler = ctx.trained()
     s = ctx.config.sample
     cond, header = {}, {}
@@ -89,10 +139,13 @@ def sample(ctx: RunContext, d: str, checkpoints: str) -> str:
         cond = {"condition": text.queries().as_condition(), "guidance_scale": s.guidance_scale,
                 "null_condition": None if null is None else null.as_condition()}
         header = {"prompts": list(text.prompts)}
-    res = ddpm_sample(model, scheduler, s.num_queries, ctx.data().shape, seed=s.seed, batch_size=s.batch_size,
+    res = ddpm_sample(model, scheduler, s.num_queries, ctx.input_shape(), seed=s.seed, batch_size=s.batch_size,
                       num_inference_steps=s.num_inference_steps, record_trajectory=needs_trajectory(ctx.config),
-                      progress=ctx.progress, device=ctx.device, **cond)
+                      progress=ctx.progress, device=ctx.device, clamp=not ctx.latent, **cond)
     tensors = {"images": res.images, "seeds": res.seeds, "timesteps": res.timesteps}
+    if ctx.latent:  # the queries are the latents; their decoded images are for the figures and the report
+        tensors["latents"] = res.images
+        tensors["images"] = decode_latents(ctx.vae(), res.images, batch_size=s.batch_size).float().clamp(-1, 1).cpu()
     if res.trajectory is not None:
         tensors["trajectory"] = res.trajectory
     if res.labels is not None:
@@ -100,7 +153,7 @@ def sample(ctx: RunContext, d: str, checkpoints: str) -> str:
     save_tensors(os.path.join(d, "samples.safetensors"), tensors,
                  {"kind": "samples", "settings": to_dict(s),
                   "query_names": query_names(res.seeds, res.labels, header.get("prompts")), **header})
-    samples_figure(os.path.join(d, "samples.png"), res.images,
+    samples_figure(os.path.join(d, "samples.png"), tensors["images"],
                    [f"q{i} s{int(x)}" + ("" if res.labels is None else f" c{int(res.labels[i])}")
                     + ("" if "prompts" not in header else f" {header['prompts'][i][:14]}")
                     for i, x in enumerate(res.seeds)])
@@ -136,7 +189,11 @@ def score(ctx: RunContext, d: str, checkpoints: str) -> str:
     samples = ctx.samples()
     sc = ctx.config.score
     trajectories = sc.measurement == "sampling_trajectory_logprob"
-    queries = samples["trajectory"] if trajectories else samples["images"]
+    if ctx.latent and "latents" not in samples:
+        raise StageError("the samples hold no latents (generated by a pixel-space run?); rerun the sample stage "
+                         "with --force")
+    # a latent run's queries are the generated latents (its trajectories are latent too), never the decoded images
+    queries = samples["trajectory"] if trajectories else samples["latents" if ctx.latent else "images"]
     task = ctx.task(trajectory_timesteps=samples["timesteps"].tolist() if trajectories else None)
     data = ctx.data()
     draws, query_batch = ctx.score_plan(model, task, sc.draws_per_forward, num_queries=len(queries),
@@ -176,4 +233,5 @@ def report(ctx: RunContext, d: str, checkpoints: str) -> None:
 
 
 BODIES: Dict[str, Callable[[RunContext, str, str], object]] = {
+    "vae": vae, "encode": encode,
     "train": train, "sample": sample, "fit": fit, "score": score, "report": report}

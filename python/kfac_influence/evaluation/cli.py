@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..diffusion import DataConfig, TrainConfig, build_model, load_dataset, make_scheduler
+from ..diffusion.vae import vae_source
 from ..identity import tensors_fingerprint
 from ..storage import atomic_write_json, load_tensors, short_message
 from ..tasks import DiffusionTask
@@ -231,6 +232,9 @@ def _setup(args):
     ``train_fn(kept (n,), seed) -> model``; ``measure(model) -> (Q,)``; ``key``: what the retrained models depend
     on; ``measurement_tag``: "" or, class-conditional, a digest of the queries and their labels (measurements
     are cached under it)."""
+    if vae_source(args.model) is not None:  # retraining would need the run's VAE and its latents
+        raise ValueError(f"--model {args.model} is a latent model (it has a VAE); lds and retrain-top retrain "
+                         f"pixel-space models only")
     scores = _load_tensor(args.scores, "scores").double()
     queries = _load_tensor(args.queries, "images").float()
     data_cfg = DataConfig(source=args.data, limit=args.limit, seed=args.data_seed, image_size=args.image_size)

@@ -142,6 +142,9 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
     summary_figure(os.path.join(report_dir, "summary.png"), queries[:rows], [title(q) for q in range(rows)],
                    S[:rows], data.images, ids, k, labels, names)
     samples_figure(os.path.join(report_dir, "queries.png"), queries, [title(q) for q in range(Q)])
+    if "latents" in samples:  # a latent run: the UNet saw latents; the queries are shown decoded
+        summary["latent"] = {"latent_shape": list(samples["latents"].shape[1:]),
+                             "queries_shown": "decoded by the run's fixed VAE"}
     atomic_write_json(os.path.join(report_dir, "report.json"), summary)
 
     scores_path = os.path.join(run_dir, "scores", "scores.safetensors")
@@ -177,6 +180,14 @@ def write_report(report_dir: str, scores: dict, samples: dict, data, settings, r
             f"{settings.sample.guidance_scale:g} against the empty prompt; 1: none) and is attributed under that "
             "prompt's token embeddings; each training example under its caption's. The captions of the training "
             "examples shown are in report.json (`train_captions`).",
+            "",
+        ]
+    if "latent" in summary:
+        lines[2:2] = [
+            "Latent diffusion: the UNet was trained, fitted and scored on the training images' VAE latents ("
+            + "x".join(str(v) for v in summary["latent"]["latent_shape"]) + ", the latent mean times the VAE's "
+            "scaling factor); each query is a generated latent, shown decoded by the fixed VAE, which is not "
+            "attributed (no tracked layer). Training images are shown as they are.",
             "",
         ]
     if "class_match" in summary:
