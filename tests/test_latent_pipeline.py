@@ -277,6 +277,18 @@ def test_latent_tiny_preset_trains_its_vae_then_a_conditional_unet_on_latents(pr
     assert run["settings"]["scheduler"]["clip_sample"] is False  # the preset's default: latents are not clipped
     assert run["settings"]["vae"]["steps"] == 3 and set(run["fingerprints"]) >= {"vae", "encode"}
     assert json.loads((out / "report/report.json").read_text())["class_match"]["exact"] is True
+    # the scores: each query's generated latent under its class, each training latent under its label
+    config = RunConfig.from_dict(upgrade_settings(run["settings"]))
+    ctx = Pipeline(str(out), config, progress=False, log=lambda m: None).ctx
+    model, _ = ctx.trained()
+    curvature = load_curvature(str(out / "fit/curvature.safetensors"), model)
+    saved = load_tensors(str(out / "scores/scores.safetensors"))[0]["scores"]
+    with torch.no_grad():
+        latents = vae.encode(data.images).latent_dist.mean * vae.config.scaling_factor
+    again = pairwise_scores(model, ctx.task(), curvature, (samples["latents"], samples["labels"]),
+                            (latents, data.labels), draws_per_forward=64, damping=config.score.damping,
+                            progress=False).float()
+    assert torch.allclose(again, saved, rtol=1e-4, atol=1e-5 * saved.abs().max())
 
 
 def test_rerun_is_up_to_date_and_a_vae_setting_reruns_from_the_vae(preset_run, tmp_path, capsys, one_thread):
