@@ -69,6 +69,60 @@ def setup():
     return model, task, (x, emb), (q, q_emb)
 
 
+class RssTrace:
+    """The peak RSS of each phase of a stage (a thread samples /proc/self/statm every 50 ms; the phase is set by
+    wrappers around the pass loop's progress bar, the eigendecomposition, checkpoint saves and file reads)."""
+
+    def __init__(self):
+        import threading
+
+        self.phase, self.peaks, self._stop = "setup", {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss_bytes())
+
+    def wrap(self, module, name: str, label, keep: bool = False):
+        """Run ``module.name`` under the phase ``label(*args)``: for its duration, or from then on (``keep``).
+        Reads and saves name the phase they happen in (``self.base``: the last pass or eigendecomposition)."""
+        real = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            phase = label(*args, **kwargs)
+            if keep:
+                self.base = phase
+            self.phase = phase
+            self.peaks[phase] = max(self.peaks.get(phase, 0), rss_bytes())
+            try:
+                return real(*args, **kwargs)
+            finally:
+                if not keep:
+                    self.phase = self.base
+        setattr(module, name, wrapped)
+
+    def install(self):
+        import kfac_influence.curvature.fit as fit_module
+        import kfac_influence.engine as engine
+        import kfac_influence.tensorfile as tensorfile
+
+        self.base = self.phase
+        self.wrap(engine, "progress_bar", lambda total, desc, *a, **k: desc, keep=True)
+        self.wrap(fit_module, "_eig", lambda mat, overwrite=False: f"eigh (n up to {len(mat)})"
+                  if len(mat) >= 2048 else self.base)
+        self.wrap(engine, "save_tensors", lambda *a, **k: f"{self.base}: checkpoint save")
+        self.wrap(tensorfile.TensorFile, "get_many", lambda *a, **k: f"{self.base}: file read")
+        return self
+
+    def result(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss_bytes())
+        top = max(self.peaks, key=self.peaks.get)
+        return {"peak_phase": top, "phase_peaks": dict(sorted(self.peaks.items(), key=lambda kv: -kv[1])[:8])}
+
+
 def stage_fit(root: Path, budget: int) -> dict:
     import torch
 
@@ -76,22 +130,22 @@ def stage_fit(root: Path, budget: int) -> dict:
     from kfac_influence import CurvatureConfig, fit_curvature
     from kfac_influence.memory import plan_fit
 
+    trace = RssTrace().install()
     model, task, data, _ = setup()
     baseline = rss_bytes() - sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = CurvatureConfig(method="ekfac", approx="expand", fisher="mc", modules=MODULES, num_draws=M)
     eig_seconds = [0.0]
     eig = fit_module._eig
 
-    def timed_eig(mat):  # the share of eigendecomposition in the fit's time
+    def timed_eig(mat, overwrite=False):  # the share of eigendecomposition in the fit's time
         t = time.perf_counter()
-        out = eig(mat)
+        out = eig(mat, overwrite=overwrite)
         eig_seconds[0] += time.perf_counter() - t
         return out
 
     fit_module._eig = timed_eig
-    # the whole budget less the baseline, without the memory model's 10% headroom: the prediction itself must stay
-    # under the budget (an eigendecomposition of the 11521-wide input factor needs 4 GiB beside the 3.4 GB model)
-    room = (budget - baseline) / 0.9
+    # the budget less the baseline; plan_fit keeps its default 10% headroom
+    room = budget - baseline
     # a resumed run keeps the partitions it started with (the baseline, and so the plan, can move between
     # processes; the checkpoints refuse another one); the predicted peak is the memory model's for them
     plan_file = root / "plan.json"
@@ -114,7 +168,7 @@ def stage_fit(root: Path, budget: int) -> dict:
             plan.draws_per_forward, "partitions": len(plan.partitions), "tracked_layers": len(curv.specs),
             "tracked_params": tracked, "params": sum(p.numel() for p in model.parameters()),
             "fit_seconds": t_fit, "eigh_seconds": eig_seconds[0], "save_seconds": time.perf_counter() - t0 - t_fit,
-            "peak_rss": peak_rss_bytes(), "torch_threads": torch.get_num_threads()}
+            "peak_rss": peak_rss_bytes(), "torch_threads": torch.get_num_threads(), **trace.result()}
 
 
 def stage_score(root: Path, budget: int) -> dict:
@@ -123,6 +177,7 @@ def stage_score(root: Path, budget: int) -> dict:
     from kfac_influence import load_curvature, pairwise_scores
     from kfac_influence.memory import plan_scores
 
+    trace = RssTrace().install()
     model, task, data, queries = setup()
     baseline = rss_bytes() - sum(p.numel() * p.element_size() for p in model.parameters())
     curv = load_curvature(root / "curvature.safetensors", model, stream=True)
@@ -138,7 +193,7 @@ def stage_score(root: Path, budget: int) -> dict:
     return {"baseline_rss": baseline, "predicted_peak": baseline + plan.peak, "draws_per_forward":
             plan.draws_per_forward, "query_batch": plan.query_batch, "training_passes": plan.passes,
             "score_seconds": seconds, "peak_rss": peak_rss_bytes(), "scores": scores.tolist(),
-            "finite": bool(torch.isfinite(scores).all())}
+            "finite": bool(torch.isfinite(scores).all()), **trace.result()}
 
 
 def main(argv=None):

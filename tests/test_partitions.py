@@ -122,7 +122,33 @@ def test_partition_state_peak_follows_the_fit_timeline():
 
     spec = LayerSpec("l", "linear", 3, 3, True)  # d_in' = 4, d_out = 3
     cfg = CurvatureConfig(method="ekfac", dtype=torch.float32)
-    sums, res_a = 8 * (16 + 9), (2 * 4 + 8) * 16
+    sums, res_a = 8 * (16 + 9), (2 * 4 + 8) * 16 + 8 * 4
     results = (2 * 4 + 8) * (16 + 9) + 16 * 7
-    want = max(sums + 24 * 16, sums - 8 * 16 + res_a + 24 * 9, results + 8 * 12)
+    # beside the state, per factor: its float32 copy (4 n^2) and the eigendecomposition's transient (CPU, in place:
+    # the eigenvectors and O(n) workspace; CUDA: torch.linalg.eigh's 24 n^2), or the converted bases (16 n^2 + 8 n)
+    cpu = {n: max(4 * n * n + 8 * n * n + 64 * n, 16 * n * n + 8 * n) for n in (3, 4)}
+    want = max(sums + cpu[4], sums - 8 * 16 + res_a + cpu[3], results + 8 * 12)
     assert partition_state_peak([spec], cfg, F64) == want
+    cuda = {n: max(4 * n * n + 24 * n * n, 16 * n * n + 8 * n) for n in (3, 4)}
+    want = max(sums + cuda[4], sums - 8 * 16 + res_a + cuda[3], results + 8 * 12)
+    assert partition_state_peak([spec], cfg, F64, device="cuda") == want
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_eigendecomposition_matches_torch_and_may_overwrite_its_input(overwrite):
+    from kfac_influence.curvature.eigen import eigh_psd
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 50, dtype=F64, generator=g)
+    a = x @ x.T
+    a[:, -1] = a[-1, :] = 0  # a zero eigenvalue: rounding may make it negative, and it is clamped
+    work = a.clone()
+    s, q = eigh_psd(work, overwrite=overwrite)
+    ref_s, _ = torch.linalg.eigh(a)
+    torch.testing.assert_close(s, ref_s.clamp_min(0), rtol=0, atol=1e-12 * float(ref_s.max()))
+    assert (s >= 0).all() and bool((s[1:] >= s[:-1]).all())
+    torch.testing.assert_close(q @ torch.diag(s) @ q.T, a, rtol=0, atol=1e-12 * float(a.abs().max()))
+    torch.testing.assert_close(q.T @ q, torch.eye(37, dtype=F64), rtol=0, atol=1e-13)
+    assert torch.equal(work, a) != overwrite  # overwrite: LAPACK worked in the input's memory
+    with pytest.raises(TypeError, match="float64"):
+        eigh_psd(a.float())

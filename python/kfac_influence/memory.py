@@ -233,18 +233,23 @@ def layer_state_bytes(spec: LayerSpec, config: CurvatureConfig, model_dtype: tor
 
 
 def partition_state_peak(specs: Sequence[LayerSpec], config: CurvatureConfig, model_dtype: torch.dtype,
-                         draws_bytes: int = 0) -> int:
+                         draws_bytes: int = 0, device: Union[str, torch.device] = "cpu") -> int:
     """Peak bytes of the fit's state for one partition of layers, over its timeline (docs/memory.md):
 
     pass 1        sum_l 8 (a^2 + g^2)  (float64 sums of A, G)                               + ``draws_bytes``
-    eigh of l     the sums of the layers not yet done + the results of those done + l's results so far +
-                  24 n^2 for the factor being decomposed (its eigenvectors 8 n^2 and LAPACK syevd's 16 n^2
-                  workspace; the mean is formed in place of the sum)
+    eigh of l     the sums of the layers not yet done + the results of those done + l's results so far +, for
+                  the factor being decomposed (n = a, then g; its float64 mean is formed in place of its sum):
+                  its stored copy (item n^2, made first; none in float64, where the mean is stored) and the
+                  eigendecomposition's transient (``curvature.eigen.transient_bytes``: 8 n^2 in place on the
+                  CPU, 24 n^2 for torch.linalg.eigh)
     pass 2        sum_l results + 8 a g (float64 EK-FAC eigenvalue sums)                    + ``draws_bytes``
     with a = d_in', g = d_out and results = (2 item + pass_item) (a^2 + g^2) + 16 (a + g): A, G and their
     eigenbases in the stored dtype (and the pass's bases in the model dtype when it differs)."""
+    from .curvature.eigen import transient_bytes
+
     item = torch.empty((), dtype=config.dtype).element_size()
     pass_item = torch.empty((), dtype=model_dtype).element_size() if model_dtype != config.dtype else 0
+    copy = item if config.dtype != torch.float64 else 0  # the stored copy beside the float64 mean
 
     def sums(s):
         return 8 * (s.d_in_total ** 2 + s.d_out ** 2)
@@ -252,13 +257,17 @@ def partition_state_peak(specs: Sequence[LayerSpec], config: CurvatureConfig, mo
     def results(s):
         return (2 * item + pass_item) * (s.d_in_total ** 2 + s.d_out ** 2) + 16 * (s.d_in_total + s.d_out)
 
+    def factor(n):  # beside the state: during the decomposition, then while the eigenvectors are converted
+        return max(copy * n * n + transient_bytes(n, device, overwrite=copy > 0),
+                   (2 * item + pass_item) * n * n + 8 * n)
+
     peak = sum(map(sums, specs)) + draws_bytes
     pending, done = sum(map(sums, specs)), 0
     for s in specs:
         a, g = s.d_in_total, s.d_out
         # A first, then G: during G's decomposition A's results exist and A's sum is gone
-        peak = max(peak, pending + done + 24 * a * a,
-                   pending - 8 * a * a + done + (2 * item + pass_item) * a * a + 24 * g * g)
+        peak = max(peak, pending + done + factor(a),
+                   pending - 8 * a * a + done + (2 * item + pass_item) * a * a + 8 * a + factor(g))
         pending -= sums(s)
         done += results(s)
     lam = sum(8 * s.d_in_total * s.d_out for s in specs) if config.method == "ekfac" else 0
@@ -296,8 +305,10 @@ def plan_fit(model: nn.Module, task, sample: Any, max_memory: Union[int, str], *
         e = estimate(fp, "fit", b, fisher_vectors=nvec)
         return e.per_row * b + e.scratch
 
+    device, _ = model_device_dtype(model)
+
     def peak_of(names, b) -> int:
-        return partition_state_peak([specs[nm] for nm in names], config, model_dtype, draws_bytes(b))
+        return partition_state_peak([specs[nm] for nm in names], config, model_dtype, draws_bytes(b), device)
 
     alone = {nm: peak_of([nm], 1) for nm in specs}
     largest = max(alone, key=alone.get)

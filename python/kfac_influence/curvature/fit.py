@@ -26,6 +26,7 @@ from ..tasks.base import Task
 from .config import CurvatureConfig
 from ..tensorfile import TensorFile
 from .curvature import Curvature, LayerFiles, tracked_parameters
+from .eigen import eigh_psd
 
 STATE_FILE = "fit_state.safetensors"
 
@@ -102,9 +103,13 @@ RESULT = "result::"  # checkpoint key prefix of the factors stage's results
 STATE_VERSION = 2  # checkpoints of other layouts are refused by their identity
 
 
-def _eig(mat: torch.Tensor):
-    s, q = torch.linalg.eigh(mat.double())
-    return s.clamp_min(0), q
+def _eig(mat: torch.Tensor, overwrite: bool = False):
+    return eigh_psd(mat.double(), overwrite=overwrite)
+
+
+def _row_major(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q`` (eigh's column-major eigenvectors) as a contiguous ``dtype`` tensor, in one allocation."""
+    return torch.empty(q.shape, dtype=dtype, device=q.device).copy_(q)
 
 
 def _result_layout(spec: LayerSpec, config: CurvatureConfig, model_dtype: torch.dtype) -> Dict[str, tuple]:
@@ -129,15 +134,16 @@ def _layer_results(sums: List[torch.Tensor], count_a: int, draws: int, config: C
     out = {}
     for which, count in (("A", count_a), ("G", draws)):
         mean = sums.pop(0).div_(max(1, count))  # the mean in place of the sum
-        s, q = _eig(mean)
-        out[which] = mean.to(config.dtype)
+        out[which] = mean.to(config.dtype)  # before the eigendecomposition, which may work in the mean's memory
+        s, q = _eig(mean, overwrite=out[which] is not mean)
+        del mean
         out[f"s{which}"] = s
         # contiguous (eigh's are column-major), as a checkpoint loads them: a resumed pass then multiplies by
         # the same layout and rounds the same way
-        out[f"Q{which}"] = q.to(config.dtype).contiguous()
+        out[f"Q{which}"] = _row_major(q, config.dtype)
         if config.method == "ekfac" and model_dtype != config.dtype:
-            out[f"Q{which}_pass"] = q.to(model_dtype).contiguous()
-        del mean, q, s
+            out[f"Q{which}_pass"] = _row_major(q, model_dtype)
+        del q, s
     return out
 
 
