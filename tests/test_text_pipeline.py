@@ -495,3 +495,42 @@ def test_text_preset_and_saved_pipeline_round_trip(tmp_path):
     assert type(loaded).__name__ == "UNet2DConditionModel" and sched is not None
     assert text_conditional(RunConfig().merged({"model": {"spec": "text-tiny"}}))
     assert text_conditional(RunConfig().merged({"model": {"spec": str(tmp_path / "p")}}))
+
+
+def test_stable_diffusion_like_folder_latents_and_text(inputs, tmp_path, capsys, one_thread):
+    """A diffusers pipeline folder like Stable Diffusion's (model_index.json, unet/ a UNet2DConditionModel, vae/,
+    scheduler/, text_encoder/, tokenizer/; tiny, built here): its encoder embeds the captions, its VAE the images,
+    and train / fit / score take (latents, embeddings)."""
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+    class TinySD(DiffusionPipeline):
+        def __init__(self, unet, vae, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(4, 8), latent_channels=1,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=1.7)
+    unet = UNet2DConditionModel(**{k: v for k, v in TINY_TEXT.items() if not k.startswith("_")})
+    folder = tmp_path / "sd"
+    TinySD(unet=unet, vae=vae, scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False)).save_pretrained(
+        str(folder), safe_serialization=True)
+    clip = clip_folder(tmp_path / "clip")
+    shutil.copytree(clip / "text_encoder", folder / "text_encoder")
+    shutil.copytree(clip / "tokenizer", folder / "tokenizer")
+    out = tmp_path / "out"
+    code, _, err = main(capsys, "run", "--out", out, "--data", inputs["data"], "--image-size", "16", "--model",
+                        folder, *FAST, "--steps", "2", "--max-length", "6", "--guidance-scale", "2",
+                        "--encode-batch-size", "8")
+    assert code == 0, err
+    config = RunConfig.from_dict(upgrade_settings(json.loads((out / "run.json").read_text())["settings"]))
+    ctx = Pipeline(str(out), config, progress=False, log=lambda m: None).ctx
+    latents, emb = ctx.train_data()
+    assert ctx.latent and torch.equal(latents, ctx.latents()) and latents.shape == (24, 1, 8, 8)
+    assert torch.allclose(emb, ClipTextEncoder(str(clip), max_length=6).encode(inputs["captions"]).embeddings)
+    assert json.loads((out / "train/stage.json").read_text())["inputs"]["text"].startswith("encoder ")
+    header = load_tensors(str(out / "samples/samples.safetensors"))[1]
+    assert header["prompts"] == list(dict.fromkeys(inputs["captions"]))[:4]
+    assert torch.isfinite(load_tensors(str(out / "scores/scores.safetensors"))[0]["scores"]).all()
