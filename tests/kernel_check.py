@@ -76,3 +76,11 @@ def lowp_precondition(v, q_a, q_g, lam, damping):
 def lowp_pairwise(a, g, p, append_one):
     grads = torch.einsum("bro,bri->boi", g, with_one(a) if append_one else a)
     return p.reshape(p.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T
+
+
+def lowp_lowrank(a, g, left, right, append_one):
+    """Low-rank scores ``(Q, B)`` from the two projections, every intermediate in the operands' dtype."""
+    nq, _, k = left.shape
+    gp = g @ left.permute(1, 0, 2).reshape(left.shape[1], -1)  # (B, R, Q k)
+    ap = (with_one(a) if append_one else a) @ right.permute(1, 0, 2).reshape(right.shape[1], -1)
+    return (gp * ap).sum(dim=1).reshape(-1, nq, k).sum(dim=-1).T

@@ -8,7 +8,7 @@ from kfac_kernels import dispatch
 from kfac_kernels.ops import covariance as cov
 
 OPS = ["linear_covariance", "conv_covariance", "eigenvalue_correction", "eigenbasis_self_scores", "precondition",
-       "pairwise_scores"]
+       "pairwise_scores", "lowrank_pairwise_scores"]
 
 
 def test_cpu_defaults_to_torch(monkeypatch):
@@ -35,8 +35,8 @@ def test_env_var_forces_triton(monkeypatch):
 
 
 def test_explicit_missing_backend_raises(monkeypatch):
-    """An op with only a torch implementation (as lowrank_pairwise_scores is today): asking for Triton by argument
-    or environment raises instead of silently running torch; the default still runs torch."""
+    """An op with only a torch implementation: asking for Triton by argument or environment raises instead of
+    silently running torch; the default still runs torch."""
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setitem(dispatch._REGISTRY, "test_torch_only", {})
     dispatch.register("test_torch_only", "torch")(lambda x: x + 1)

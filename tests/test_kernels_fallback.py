@@ -44,7 +44,8 @@ def _failures():
 
 def _op_cases():
     """(op, op module, args, kwargs) for every op, at small awkward sizes."""
-    from kfac_kernels.ops import covariance as cov, eigen_correction as ec, pairwise as pw, precondition as pc
+    from kfac_kernels.ops import covariance as cov, eigen_correction as ec, lowrank as lr, pairwise as pw
+    from kfac_kernels.ops import precondition as pc
 
     gen = torch.Generator().manual_seed(40)
     a, g = randn(3, 5, 7, gen=gen), randn(3, 5, 6, gen=gen)
@@ -59,6 +60,7 @@ def _op_cases():
         ("eigenbasis_self_scores", ec, (a, g, qa, qg, lam, 0.1), dict(append_one=True)),
         ("precondition", pc, (p, qa, qg, lam, 0.1), {}),
         ("pairwise_scores", pw, (a, g, p), dict(append_one=True)),
+        ("lowrank_pairwise_scores", lr, (a, g, kfac_kernels.lowrank_queries(p, 2)), dict(append_one=True)),
     ]
 
 
@@ -70,8 +72,8 @@ def _failing_launch(exc_factory, calls):
 
 
 @pytest.mark.parametrize("kind", ["out_of_resources", "compilation_error", "runtime_error", "unsupported_arch"])
-@pytest.mark.parametrize("case", range(6), ids=lambda i: ["linear_cov", "conv_cov", "eig_corr", "self_scores",
-                                                          "precondition", "pairwise"][i])
+@pytest.mark.parametrize("case", range(7), ids=lambda i: ["linear_cov", "conv_cov", "eig_corr", "self_scores",
+                                                          "precondition", "pairwise", "lowrank"][i])
 def test_failed_kernel_falls_back_to_torch_once(monkeypatch, kind, case):
     op, module, args, kwargs = _op_cases()[case]
     calls = []
