@@ -1,7 +1,8 @@
 """Ahead-of-time compile check of every Triton kernel configuration the CUDA launchers can pick, on a CPU.
 
 For each target (sm_80, sm_86, sm_89, sm_90a) and each layer of bench/shapes.py (digits-tiny, cifar-ddpm,
-Stable Diffusion 1.5) and operand dtype (float32, bfloat16, float16; int8 queries for pairwise), the real op
+Stable Diffusion 1.5) and operand dtype (float32, bfloat16, float16; int8 queries for pairwise; ranks 8, 32, 128 and
+float32 queries for the low-rank pairwise scores), the real op
 functions run on ``meta`` tensors with the launch target overridden (``_triton_common.target_override``) and their
 launches recorded instead of run (``_triton_common.recording``): so the configuration checked is the one the
 launcher's own pure config function picks for that (shape, dtype, capability, shared-memory limit). Each distinct
@@ -21,7 +22,7 @@ and registers, or what failed) and the exit status is 1 on any violation. ``--fa
 kernel (the first layer and dtype that reaches it), sm_86 and sm_90a only (``tests/test_compile_check.py``).
 TRITON_INTERPRET must be unset (the script unsets it before importing triton).
 
-    python bench/compile_check.py [--fast] [--jobs N] [--json out.json] [--markdown]
+    python bench/compile_check.py [--fast] [--targets T,..] [--layers L,..] [--ops OP,..] [--jobs N] [--json out.json]
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NO_DOT = {"_patch_mean_kernel"}  # kernels without a matrix product
 # constexprs that name a variant (a row); the block sizes are the configuration (shown in the cell)
 VARIANT_KEYS = ("IS_CONV", "APPEND_ONE", "ATOMIC", "HAS_SCALE", "LOW", "SELF_SCORES", "INT8", "DOT2_LOW")
-CONFIG_KEYS = ("BLOCK_D", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_B", "BLOCK_Q", "BLOCK_O", "BLOCK_I", "BLOCK_R")
+CONFIG_KEYS = ("BLOCK_D", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_B", "BLOCK_Q", "BLOCK_O", "BLOCK_I", "BLOCK_R",
+               "BLOCK_J")
 
 
 def _short(dtype) -> str:
@@ -97,6 +99,37 @@ def layer_calls(s, dtype):
     q8 = pw.Int8Queries(torch.empty(QUERIES, d_out, dp, dtype=torch.int8, **meta),
                         torch.empty(QUERIES, **meta), torch.empty(QUERIES, **meta))
     calls.append(("pairwise_scores int8", lambda: pw.pairwise_scores_triton(a, g, q8, append_one=one)))
+    calls += lowrank_calls(s, dtype, a, g)
+    return calls
+
+
+LOWRANK_RANKS = (8, 32, 128)  # bench/precision_rank.py's ranks: a runtime argument, they differ in stride divisibility
+
+
+def lowrank_calls(s, dtype, a, g):
+    """lowrank_pairwise_scores as the pipeline calls it (a conv layer's input as ``ConvPatches``, its output
+    gradient as the NCHW tensor's (B, R, C) view; queries in the operands' dtype), conv layers also with unfolded
+    rows, and half operands also with float32 queries (the kernel's float32 products)."""
+    from kfac_kernels.ops import lowrank as lr
+    from kfac_kernels.ops.im2col import ConvPatches
+
+    one = s.get("bias", True)
+    r, d_in, d_out = layer_dims(s)
+    calls = []
+    if s["kind"] == "conv":
+        x = torch.empty(s["batch"], s["c_in"], s["hw"], s["hw"], dtype=dtype, device="meta")
+        g_nchw = torch.empty(s["batch"], d_out, r, dtype=dtype, device="meta").transpose(1, 2)
+        inputs = [("", ConvPatches(x, s["k"], 1, s["k"] // 2), g_nchw), (" rows", a, g)]
+    else:
+        inputs = [("", a, g)]
+    for rank in LOWRANK_RANKS:
+        for qdtype in dict.fromkeys((dtype, torch.float32)):
+            q = lr.LowRankQueries(torch.empty(QUERIES, d_out, rank, dtype=qdtype, device="meta"),
+                                  torch.empty(QUERIES, d_in + int(one), rank, dtype=qdtype, device="meta"))
+            for tag, aa, gg in inputs:
+                label = f"lowrank_pairwise_scores{tag} rank {rank}" + (" fp32 queries" if qdtype != dtype else "")
+                calls.append((label, lambda aa=aa, gg=gg, q=q: lr.lowrank_pairwise_scores_triton(
+                    aa, gg, q, append_one=one)))
     return calls
 
 
@@ -113,8 +146,9 @@ def specialise(kernel, target_cc, args, kwargs):
     return signature, constexprs, attrs, {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
 
 
-def enumerate_launches(targets, fast: bool, layers=None):
-    """Distinct compile jobs: a dict key -> job (kernel module/name, specialisation, target, labels)."""
+def enumerate_launches(targets, fast: bool, layers=None, ops=None):
+    """Distinct compile jobs: a dict key -> job (kernel module/name, specialisation, target, labels); ``layers``
+    and ``ops``: substrings of the layer names and op labels to keep (None: all)."""
     from kfac_kernels.ops._triton_common import Target, recording, target_override
 
     jobs = {}
@@ -125,6 +159,8 @@ def enumerate_launches(targets, fast: bool, layers=None):
         for s in [s for s in DIGITS + CIFAR + SD15 if not layers or any(w in s["name"] for w in layers)]:
             for dtype in DTYPES:
                 for op, thunk in layer_calls(s, dtype):
+                    if ops and not any(w in op for w in ops):
+                        continue
                     with target_override(target), recording() as calls:
                         thunk()
                     for kernel, grid, args, kwargs in calls:
@@ -238,6 +274,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help="one configuration per kernel, sm_86 and sm_90a")
     ap.add_argument("--targets", default=None, help="comma-separated subset of " + ",".join(TARGETS))
     ap.add_argument("--layers", default=None, help="comma-separated substrings of layer names to keep")
+    ap.add_argument("--ops", default=None, help="comma-separated substrings of op labels to keep "
+                    "(e.g. lowrank_pairwise_scores)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for the compiles")
     ap.add_argument("--json", default=None, help="write every compile's result here")
     ap.add_argument("--table-from", default=None, help="print the table of a --json file (no compiling)")
@@ -249,7 +287,8 @@ def main(argv=None) -> int:
         return 1 if any(violations(j) for j in jobs) else 0
     targets = args.targets.split(",") if args.targets else list(FAST_TARGETS if args.fast else TARGETS)
     t0 = time.time()
-    jobs = list(enumerate_launches(targets, args.fast, args.layers.split(',') if args.layers else None).values())
+    jobs = list(enumerate_launches(targets, args.fast, args.layers.split(',') if args.layers else None,
+                                   args.ops.split(',') if args.ops else None).values())
     n_uses = sum(len(j["uses"]) for j in jobs)
     print(f"{n_uses} launches at the bench/shapes.py layers -> {len(jobs)} distinct compiles for "
           f"{', '.join(targets)}", flush=True)

@@ -36,6 +36,8 @@ import triton  # noqa: E402
 from triton.testing import do_bench as _cuda_bench  # noqa: E402
 
 from kfac_kernels.ops import covariance as cov, eigen_correction as ec, pairwise as pw, precondition as pc  # noqa
+from kfac_kernels.ops import lowrank as lr  # noqa: E402
+from kfac_kernels.ops.im2col import ConvPatches  # noqa: E402
 import roofline  # noqa: E402
 from shapes import CIFAR, QUERIES, SD15, layer_dims  # noqa: E402
 
@@ -194,6 +196,7 @@ def cases(dtype, shapes):
                 a, g, q8, append_one=True), t_pw8, lambda a=a, g=g, q8=q8: pw.pairwise_scores_reference(
                     *f64(a, g), q8, append_one=True),
                 2 * b * r * d_out * dp + 2 * QUERIES * b * d_out * dp, io + p.numel(), dtype))
+        out.append(lowrank_case(s, tag, g, dtype))
         if dtype == torch.float32 or s["kind"] == "linear":
             v = torch.randn(PRECOND_QUERIES, d_out, dp, device=DEV)
 
@@ -211,6 +214,37 @@ def cases(dtype, shapes):
                 f, t = roofline.predict(sh, half)[op.replace("pairwise int8", "pairwise")]
                 PREDICTED[row[0]] = (f.time * 1e3, t.time * 1e3, t.time / f.time, f.peak / t.peak)
     return out
+
+
+def lowrank_case(s, tag, g, dtype):
+    """Low-rank scores of 64 random rank-``roofline.LOWRANK_RANK`` queries (in the operands' dtype; rank 1 in a dry
+    run, where the interpreter's time grows with the rank columns); a conv layer's input as ``ConvPatches`` (the
+    kernel reads it by implicit im2col; the torch composition unfolds it)."""
+    r, d_in, d_out = layer_dims(s)
+    b, k, dp = s["batch"], 1 if DRY_RUN else roofline.LOWRANK_RANK, d_in + 1
+    el = torch.tensor([], dtype=dtype).element_size()
+    q = lr.LowRankQueries((torch.randn(QUERIES, d_out, k, device=DEV) / math.sqrt(d_out)).to(dtype),
+                          (torch.randn(QUERIES, dp, k, device=DEV) / math.sqrt(dp)).to(dtype))
+    if s["kind"] == "conv":
+        x = (torch.randn(b, s["c_in"], s["hw"], s["hw"], device=DEV) * 0.5).to(dtype)
+        a = ConvPatches(x, s["k"], 1, s["k"] // 2)
+        a64 = ConvPatches(x.double(), s["k"], 1, s["k"] // 2)
+        a_bytes = x.numel() * el
+    else:
+        a = (torch.randn(b, r, d_in, device=DEV) * 0.5).to(dtype)
+        a64, a_bytes = a.double(), a.numel() * el
+    q64 = lr.LowRankQueries(q.left.double(), q.right.double())
+
+    def t_lr(a=a, g=g, q=q):
+        rows = a.rows() if isinstance(a, ConvPatches) else a
+        gp = g @ q.left.permute(1, 0, 2).reshape(d_out, -1)
+        ap = with_one(rows) @ q.right.permute(1, 0, 2).reshape(dp, -1)
+        return (gp * ap).sum(1).view(b, QUERIES, k).sum(-1).T.float()
+    qk = QUERIES * k
+    return (f"lowrank, {tag}", lambda a=a, g=g, q=q: lr.lowrank_pairwise_scores_triton(a, g, q, append_one=True),
+            t_lr, lambda a64=a64, g=g, q64=q64: lr.lowrank_pairwise_scores_reference(a64, g.double(), q64,
+                                                                                       append_one=True),
+            2 * b * r * (d_out + dp) * qk + b * r * qk, a_bytes + g.numel() * el + qk * (d_out + dp) * el, dtype)
 
 
 def tiny_cases():
@@ -239,6 +273,18 @@ def tiny_cases():
                 pc.precondition_reference(*d(p, qa, qg, lam), 0.1)))
     res.append(("tiny pairwise", pw.pairwise_scores_triton(a, g, p, append_one=True, split=3),
                 pw.pairwise_scores_reference(*d(a, g, p), append_one=True)))
+    lq = lr.LowRankQueries(torch.randn(3, 13, 4, device=DEV), torch.randn(3, 20, 4, device=DEV))
+    lq64 = lr.LowRankQueries(lq.left.double(), lq.right.double())
+    res.append(("tiny lowrank split", lr.lowrank_pairwise_scores_triton(a, g, lq, append_one=True, split=2),
+                lr.lowrank_pairwise_scores_reference(*d(a, g), lq64, append_one=True)))
+    patches = ConvPatches(x, (3, 2), 2, (1, 0), (1, 2))
+    gx = torch.randn(3, 13, patches.shape[1], device=DEV).transpose(1, 2)  # the NCHW gradient's (B, R, C) view
+    cq = lr.LowRankQueries(torch.randn(3, 13, 5, device=DEV), torch.randn(3, patches.shape[-1] + 1, 5, device=DEV))
+    res.append(("tiny lowrank conv", lr.lowrank_pairwise_scores_triton(patches, gx, cq, append_one=True),
+                lr.lowrank_pairwise_scores_reference(ConvPatches(x.double(), (3, 2), 2, (1, 0), (1, 2)),
+                                                     gx.double(), lr.LowRankQueries(cq.left.double(),
+                                                                                    cq.right.double()),
+                                                     append_one=True)))
     if not DRY_RUN:
         lo = [t.to(LOWP) for t in (a, g, p)]
         res.append(("tiny pairwise bf16", pw.pairwise_scores_triton(*lo, append_one=True),

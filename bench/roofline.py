@@ -40,6 +40,7 @@ PEAK = dict(
     hbm=4.8e12,           # bytes/s
 )
 PRECOND_QUERIES = 16  # as bench/gpu_check.py
+LOWRANK_RANK = 32  # the query rank of bench/gpu_check.py's low-rank rows
 L2_BYTES = 50 << 20
 SOURCES = ("NVIDIA H200 Tensor Core GPU datasheet (SXM): FP16/BF16 tensor 1,979 TFLOPS and TF32 tensor 989 TFLOPS "
            "with sparsity (half of it dense), FP32 67 TFLOPS, 4.8 TB/s HBM3e")
@@ -160,7 +161,30 @@ def predict(s, half: bool):
     t.gemm(QUERIES * z, z * el + p_bytes + QUERIES * b * el, t_rate)  # (Q, K) @ (K, B)
     t.peak = m * dp * el + z * el + QUERIES * b * 4
     out["pairwise"] = (f, t)
+    out["lowrank"] = _lowrank(s, b, r, m, d_in, dp, do, el, k_rate, t_rate)
     return out
+
+
+def _lowrank(s, b, r, m, d_in, dp, do, el, k_rate, t_rate):
+    """Low-rank scores, 64 queries of rank LOWRANK_RANK: fused projects (a conv's input by implicit im2col, never
+    unfolded) and multiplies on chip, writing the (Q k, B) column sums; torch unfolds, forms both (B, R, Q k)
+    projections, multiplies and sums. a and g are re-read once per 64 rank columns unless L2 holds them."""
+    qk = QUERIES * LOWRANK_RANK
+    a_bytes = b * s["c_in"] * s["hw"] ** 2 * el if s["kind"] == "conv" else m * d_in * el
+    ag = a_bytes + m * do * el
+    q_bytes = qk * (do + dp) * el
+    reads = 1 if ag <= L2_BYTES else math.ceil(qk / 64)
+    f = Path().gemm(m * (do + dp) * qk + m * qk, reads * ag + q_bytes + qk * b * 4 * 2 + QUERIES * b * 4, k_rate)
+    f.peak = qk * b * 4 + QUERIES * b * 4
+    t = Path()
+    if s["kind"] == "conv":
+        t.stream(a_bytes + m * d_in * el)                         # unfold
+    t.stream(m * d_in * el + m * dp * el)                         # with_one(a)
+    t.gemm(m * do * qk, m * do * el + do * qk * el + m * qk * el, t_rate)  # g @ left
+    t.gemm(m * dp * qk, m * dp * el + dp * qk * el + m * qk * el, t_rate)  # a' @ right
+    t.stream(3 * m * qk * el).stream(m * qk * el + b * qk * el)    # product, sum over positions
+    t.peak = (m * d_in * el if s["kind"] == "conv" else 0) + m * dp * el + 2 * m * qk * el + b * qk * el
+    return f, t
 
 
 def rows(shapes=None):

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kfac_kernels import dispatch  # noqa: E402
+from kfac_kernels import ConvPatches, dispatch, lowrank_queries  # noqa: E402
 from kfac_kernels.ops import covariance as cov, eigen_correction as ec, pairwise as pw  # noqa: E402,F401
 from kfac_kernels.ops import precondition as pc  # noqa: E402,F401
 from shapes import CIFAR, DIGITS, QUERIES, layer_dims  # noqa: E402
@@ -113,4 +113,20 @@ def test_pairwise_scores(benchmark, layer, backend, int8):
     a, g, _, _, _, p = _inputs(layer)
     q = pw.quantize_int8(p) if int8 else p
     fn = dispatch.resolve("pairwise_scores", a.device, backend)
+    _run(benchmark, lambda: fn(a, g, q, append_one=True))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lowrank_pairwise_scores(benchmark, layer, backend):
+    """Rank-32 queries (the middle of bench/precision_rank.py's ranks); a conv layer's input as ConvPatches, as the
+    pipeline hands it."""
+    if backend not in _backends("lowrank_pairwise_scores"):
+        pytest.skip(f"{backend} is not benchmarked on {DEV}")
+    a, g, _, _, _, p = _inputs(layer)
+    if layer["kind"] == "conv":
+        x = torch.randn(a.shape[0], layer["c_in"], layer["hw"], layer["hw"], device=DEV)
+        a = ConvPatches(x, layer["k"], 1, layer["k"] // 2)
+    q = lowrank_queries(p, 32)
+    fn = dispatch.resolve("lowrank_pairwise_scores", g.device, backend)
     _run(benchmark, lambda: fn(a, g, q, append_one=True))

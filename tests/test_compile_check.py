@@ -12,8 +12,8 @@ import torch
 from kernel_check import requires_triton
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ["_bmm_kernel", "_ekfac_tile_kernel", "_gram_kernel", "_pairwise_kernel", "_pairwise_r1_kernel",
-           "_patch_mean_kernel", "_square_gemm_kernel"]
+KERNELS = ["_bmm_kernel", "_ekfac_tile_kernel", "_gram_kernel", "_lowrank_kernel", "_pairwise_kernel",
+           "_pairwise_r1_kernel", "_patch_mean_kernel", "_square_gemm_kernel"]
 
 
 @requires_triton

@@ -22,7 +22,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     rows = json.loads(out.read_text())
     kinds = {row["name"].split(",")[0] for row in rows}
     assert kinds == {"conv_cov expand", "conv_cov reduce", "linear_cov", "eig_correction", "self_scores",
-                     "pairwise", "precondition"}
+                     "pairwise", "precondition", "lowrank"}
     assert all(row["ok"] and row["err"] <= 2 * row["torch_err"] + 1e-5 for row in rows)
     table = r.stdout.splitlines()[-len(rows) - 4:-2]
     assert "| kernel / layer |" in table[0] and "predicted H200 us" in table[0]
