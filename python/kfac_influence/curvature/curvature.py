@@ -1,6 +1,7 @@
 """The fitted curvature: per-layer factors, eigenbases and (corrected) eigenvalues, preconditioning, storage."""
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -91,8 +92,10 @@ class Curvature:
         """Fingerprint of the configuration and every factor's values, a layer at a time (cached: factors are not
         changed in place by this library)."""
         if self._values_fp is None:
+            # a generator, not a list: a streamed curvature's layers are read, hashed and dropped one at a time
+            # (a list held every layer at once: 6.4 GB on top of the SD-1.5 scoring stage's peak)
             self._values_fp = tensors_fingerprint(
-                [self.config.to_dict(), *((n, self.factors[n]) for n in self.specs)])
+                itertools.chain([self.config.to_dict()], ((n, self.factors[n]) for n in self.specs)))
         return self._values_fp
 
     @property
