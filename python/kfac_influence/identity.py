@@ -41,6 +41,7 @@ def tensors_fingerprint(tensors: Iterable[Any]) -> str:
     h = hashlib.sha256()
     for t in tensors:
         _update(h, t)
+        del t  # before a generator makes the next item (a streamed curvature's layers: one in memory at a time)
     return h.hexdigest()[:16]
 
 
