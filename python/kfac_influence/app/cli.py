@@ -125,8 +125,9 @@ OPTIONS = {
     ],
     "model": [
         (("--model",), "model", "spec", str, None,
-         "model: preset (digits-tiny, digits-cond: class-conditional, text-tiny: text-conditional, cifar-ddpm), a "
-         ".json UNet2DModel / UNet2DConditionModel config or a local diffusers folder"),
+         "model: preset (digits-tiny, digits-cond: class-conditional, text-tiny: text-conditional, latent-tiny: "
+         "latent diffusion with a VAE, cifar-ddpm), a .json UNet2DModel / UNet2DConditionModel config or a local "
+         "diffusers folder (with vae/: a latent model)"),
         (("--model-seed",), "model", "seed", int, None, "initialisation seed of a preset/JSON model"),
         (("--timesteps",), "scheduler", "num_train_timesteps", int, None, "diffusion steps T"),
         (("--beta-start",), "scheduler", "beta_start", float, None, "first beta of the linear schedule"),
