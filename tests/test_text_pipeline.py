@@ -6,6 +6,7 @@ stage that reads them. A tiny UNet2DConditionModel on 24 digits keeps each run t
 import contextlib
 import io
 import json
+import tempfile
 import shutil
 import sys
 
@@ -470,6 +471,17 @@ def test_text_training_and_sampling_use_the_null_condition(inputs, one_thread):
                   progress=False, condition=cond, null_condition=null)
         weights.append(torch.cat([v.flatten() for v in r.raw_model.state_dict().values()]))
     assert not torch.equal(weights[0], weights[1])
+    # a text-conditional checkpoint records its dropout: resuming under another is refused
+    from kfac_influence.engine import CheckpointMismatch
+    ck = tempfile.mkdtemp()
+    cfg = dict(batch_size=4, warmup_steps=0, checkpoint_every=1)
+    train(build_model(str(inputs["model"]), seed=0), make_scheduler(), images,
+          TrainConfig(steps=1, condition_dropout=0.5, **cfg), progress=False, condition=cond, null_condition=null,
+          checkpoint_dir=ck)
+    with pytest.raises(CheckpointMismatch, match="config"):
+        train(build_model(str(inputs["model"]), seed=0), make_scheduler(), images,
+              TrainConfig(steps=1, condition_dropout=0.0, **cfg), progress=False, condition=cond,
+              null_condition=null, checkpoint_dir=ck)
     with pytest.raises(ValueError, match="condition dropout > 0 needs null_condition"):
         train(build_model(str(inputs["model"])), make_scheduler(), images, TrainConfig(steps=1), progress=False,
               condition=cond)

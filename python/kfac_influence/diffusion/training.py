@@ -256,7 +256,7 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
     identity = {}
     if ckpt:
         cfg = config.to_dict()
-        if labels is None:  # unconditional checkpoints keep the identity of earlier versions
+        if labels is None and condition is None:  # unconditional checkpoints keep earlier versions' identity
             cfg.pop("condition_dropout")
         identity = {"kind": "train_state", "version": STATE_VERSION, "config": cfg, "num_images": n,
                     "data": tensors_fingerprint([images])}
