@@ -185,7 +185,7 @@ def test_reduced_precision_rounds_the_operands_and_accumulates_in_float32(precis
         pairwise_scores(model, task, full, (X[:4], Y[:4]), (X, Y), progress=False, precision="float8")
 
 
-@pytest.mark.parametrize("per_forward,query_batch", [(3, 1), (3, 2), (6, 3), (6, 1)])
+@pytest.mark.parametrize("per_forward,query_batch", [(3, 1), (3, 2), (6, 3), (6, 1), (6, 5), (9, 4)])
 def test_query_blocks_give_the_unblocked_scores_and_resume_by_block(tmp_path, per_forward, query_batch):
     # 5 queries in blocks of whole query groups (per_forward 6, 3 draws: groups of 2 queries, so a block of 1 query
     # holds one group of 2): each block is its own query pass, training pass and checkpoint folder
@@ -211,11 +211,23 @@ def test_query_blocks_give_the_unblocked_scores_and_resume_by_block(tmp_path, pe
     finally:
         pw.preconditioned_query_gradients = real
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12 * float(whole.abs().max()))
+    # blocks of whole groups, as many as fit in query_batch (one group when a group alone is bigger): the groups of
+    # 5 queries are [0..g), [g..2g), ... with the last one partial
     group = max(1, per_forward // 3)
-    held = max(group, query_batch // group * group)
-    assert sum(calls) == 5 and max(calls) == min(held, 5) and len(calls) == -(-5 // held)
+    sizes = [min(group, 5 - i) for i in range(0, 5, group)]
+    want, cur = [], 0
+    for size in sizes:
+        if cur and cur + size > query_batch:
+            want.append(cur)
+            cur = 0
+        cur += size
+    want.append(cur)
+    assert calls == want, (calls, want)
     folders = sorted(p.name for p in tmp_path.iterdir())
-    assert len(folders) == len(calls) and all(f.startswith("queries-") for f in folders)
+    if len(want) > 1:
+        assert len(folders) == len(calls) and all(f.startswith("queries-") for f in folders)
+    else:  # query_batch >= Q: one block, in the checkpoint folder itself
+        assert not any(f.startswith("queries-") for f in folders)
     # resumed: every block's checkpoint is finished, so no query pass runs and the scores come back
     pw.preconditioned_query_gradients = counting
     calls.clear()

@@ -366,19 +366,26 @@ def plan_scores(model: nn.Module, task, sample: Any, max_memory: Union[int, str]
         return estimate(fp, "scores", b, num_queries=q, num_examples=num_examples, int8_queries=int8_queries,
                         factor_itemsize=fitem, streamed=streamed)
 
-    if est(1, 1).total > budget:
+    def total(q: int, b: int) -> int:  # in blocks, the whole score matrix is held beside the block's
+        whole = max(fp.itemsize, 4) * num_queries * num_examples if q < num_queries else 0
+        return est(q, b).total + whole
+
+    if total(1, 1) > budget:
         e = est(1, 1)
-        raise MemoryError(f"scores: even one query at one draw per forward needs ~{e.total / 2**20:.0f} MiB (fixed "
-                          f"{e.fixed / 2**20:.0f} MiB, per draw {e.per_row / 2**20:.1f} MiB) > "
+        raise MemoryError(f"scores: even one query at one draw per forward needs ~{total(1, 1) / 2**20:.0f} MiB "
+                          f"(fixed {e.fixed / 2**20:.0f} MiB, per draw {e.per_row / 2**20:.1f} MiB) > "
                           f"{budget / 2**20:.0f} MiB")
     lo, hi = 1, num_queries
-    while lo < hi:  # est(q, 1) is non-decreasing in q
+    while lo < hi:  # total(q, 1) is non-decreasing in q (but for the jump at q = Q, which only adds the block's)
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if est(mid, 1).total <= budget else (lo, mid - 1)
-    block = lo
+        lo, hi = (mid, hi) if total(mid, 1) <= budget else (lo, mid - 1)
+    block = num_queries if total(num_queries, 1) <= budget else lo
     cap = max_batch if block >= num_queries else min(max_batch, block * mq)
     lo, hi = 1, max(1, cap)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if est(block, mid).total <= budget else (lo, mid - 1)
-    return ScorePlan(lo, block, math.ceil(num_queries / block), est(block, lo).total)
+        lo, hi = (mid, hi) if total(block, mid) <= budget else (lo, mid - 1)
+    if block < num_queries:  # pairwise_scores' blocks are whole query groups of draws_per_forward // M queries
+        group = max(1, lo // mq)
+        block = block // group * group
+    return ScorePlan(lo, block, math.ceil(num_queries / block), total(block, lo))

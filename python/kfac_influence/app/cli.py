@@ -177,8 +177,9 @@ OPTIONS = {
         (("--model-mode",), None, "model_mode", str, ("eval", "train"),
          "dropout off (eval) or on (train) for curvature, train and query gradients alike"),
         (("--max-memory",), None, "max_memory", _opt_str, None,
-         "memory budget of the fit and score stages (e.g. 6GiB): picks their draws per forward pass, overriding "
-         "--fit-draws-per-forward / --score-draws-per-forward ('none': use those)"),
+         "memory budget of the fit and score stages (e.g. 6GiB): the fit's draws per forward pass and, when its "
+         "state does not fit, layer partitions; the scores' query block and draws per forward pass (overriding "
+         "--fit-draws-per-forward / --score-draws-per-forward; 'none': use those)"),
     ],
     "score": [
         (("--measurement",), "score", "measurement", str,

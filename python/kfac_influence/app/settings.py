@@ -138,7 +138,8 @@ class ReportConfig:
 class RunConfig:
     """Everything a run depends on. ``model_mode`` ("eval": dropout off, or "train": dropout on, seeded) is shared
     by the curvature fit, train gradients and query gradients, so all three see the same network; ``max_memory``
-    (e.g. "6GiB") picks the fit's and the score's draws per forward pass instead of their settings;
+    (e.g. "6GiB") plans the fit (draws per forward pass, layer partitions: ``memory.plan_fit``) and the scores
+    (query block, draws per forward pass: ``memory.plan_scores``) instead of their settings;
     ``checkpoint_seconds``: the fit and score stages save their resumable state this often (and on Ctrl-C); it
     changes no result, so no fingerprint has it. ``vae``: the fixed VAE of a latent run (training a VAE preset,
     encoding; ``latent_run``), ignored by other runs."""

@@ -8,6 +8,7 @@ factor that is 1.1 GB instead of 3.2 GB. Elsewhere (CUDA; or without scipy) it i
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import Tuple
 
@@ -31,12 +32,22 @@ def eigh_psd(mat: torch.Tensor, overwrite: bool = False) -> Tuple[torch.Tensor, 
     if in_place(mat.device):
         from scipy.linalg import eigh
 
-        # the transposed view is Fortran-contiguous (and equal: mat is symmetric), so LAPACK works in its memory
-        w, z = eigh(mat.detach().numpy().T, overwrite_a=overwrite, driver="evr", check_finite=False)
+        # the transposed view is Fortran-contiguous (and equal: mat is symmetric), so LAPACK works in its memory;
+        # scipy's own BLAS gets torch's thread count (it ignores torch.set_num_threads otherwise)
+        with _blas_threads(torch.get_num_threads()):
+            w, z = eigh(mat.detach().numpy().T, overwrite_a=overwrite, driver="evr", check_finite=False)
         s, q = torch.from_numpy(w), torch.from_numpy(z)
     else:
         s, q = torch.linalg.eigh(mat)
     return s.clamp_min(0), q
+
+
+def _blas_threads(n: int):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it scipy's BLAS keeps its own default
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 def transient_bytes(n: int, device: torch.device, overwrite: bool) -> int:

@@ -147,22 +147,39 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
         return range(min(nq_total, groups.start * per_group), min(nq_total, groups.stop * per_group))
 
     q_rows = rows_of(query_groups)
-    step = len(query_groups) if query_batch is None else max(1, int(query_batch) // per_group)
-    blocks = [range(g, min(g + step, query_groups.stop)) for g in range(query_groups.start, query_groups.stop,
-                                                                        max(1, step))] or [query_groups]
-    scores = torch.zeros(len(q_rows), n, dtype=_accumulator_dtype(mdtype), device=device)
+    blocks = [query_groups]
+    if query_batch is not None and int(query_batch) < len(q_rows):  # whole groups, at most query_batch rows each
+        blocks, g = [], query_groups.start
+        while g < query_groups.stop:
+            e = g + 1
+            while e < query_groups.stop and len(rows_of(range(g, e + 1))) <= int(query_batch):
+                e += 1
+            blocks.append(range(g, e))
+            g = e
+    ids = None
+    if checkpoint_dir is not None:  # hashed once, not once per block
+        ids = (tensors_fingerprint([preconditioned]) if preconditioned is not None else data_fingerprint(queries),
+               data_fingerprint(train))
+    scores = None
     for block in blocks:
         rows = rows_of(block)
         block_dir = checkpoint_dir
         if checkpoint_dir is not None and len(blocks) > 1:
             block_dir = os.path.join(os.fspath(checkpoint_dir), f"queries-{rows.start}-{rows.stop}")
-        scores[rows.start - q_rows.start:rows.stop - q_rows.start] = _score_block(
+        part = _score_block(
             model, task, curvature, modules, queries, train, preconditioned=preconditioned, damp=damp,
             rows=rows, groups=None if preconditioned is not None or block == all_query_groups else block,
             train_groups=train_groups, nq_total=nq_total, draws_per_forward=draws_per_forward,
-            progress=progress, model_mode=model_mode, checkpoint_dir=block_dir,
+            progress=progress, model_mode=model_mode, checkpoint_dir=block_dir, ids=ids,
             checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds, int8_queries=int8_queries,
             query_rank=query_rank, precision=precision, low=low, shard=shard, split=split)
+        if len(blocks) == 1:
+            scores = part
+        else:  # the whole matrix and one block's (memory.plan_scores counts both)
+            if scores is None:
+                scores = torch.zeros(len(q_rows), n, dtype=part.dtype, device=device)
+            scores[rows.start - q_rows.start:rows.stop - q_rows.start] = part
+        del part
     if shard.single:
         return scores
     out = torch.zeros(nq_total, n, dtype=scores.dtype, device=device)
@@ -173,7 +190,7 @@ def pairwise_scores(model: nn.Module, task: Task, curvature: Curvature, queries:
 
 def _score_block(model, task, curvature, modules, queries, train, *, preconditioned, damp, rows: range,
                  groups: Optional[range], train_groups: range, nq_total: int, draws_per_forward: int, progress,
-                 model_mode, checkpoint_dir, checkpoint_every, checkpoint_seconds, int8_queries, query_rank,
+                 model_mode, checkpoint_dir, ids, checkpoint_every, checkpoint_seconds, int8_queries, query_rank,
                  precision, low, shard: Shard, split: str) -> torch.Tensor:
     """Scores ``(len(rows), N)`` of the query rows ``rows`` (the query groups ``groups``; None: all) against
     this process's training groups: one query pass, one training pass, one checkpoint."""
@@ -184,13 +201,12 @@ def _score_block(model, task, curvature, modules, queries, train, *, preconditio
     query_groups = groups
     identity = {}
     if checkpoint_dir is not None:
-        queries_id = tensors_fingerprint([preconditioned]) if preconditioned is not None \
-            else data_fingerprint(queries)
+        queries_id, train_id = ids
         identity = {"kind": "score_state", "version": 2, "num_queries": nq_total, "num_examples": n,
                     "draws_per_forward": draws_per_forward, "num_draws": m, "fingerprint": curvature.fingerprint,
                     "curvature": curvature.values_fingerprint(),
                     "damping": None if preconditioned is not None else damp.to_dict(),
-                    "queries": queries_id, "train": data_fingerprint(train), "task": task_fingerprint(task),
+                    "queries": queries_id, "train": train_id, "task": task_fingerprint(task),
                     "model_mode": model_mode, "int8_queries": bool(int8_queries), "query_rank": query_rank,
                     "precision": precision,
                     "split": split,
