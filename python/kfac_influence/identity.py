@@ -9,6 +9,7 @@ of ``x`` itself); any other Dataset is read once, item by item, and its items ha
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -90,3 +91,17 @@ def task_fingerprint(task: Any) -> str:
     if callable(own):
         return f"{type(task).__name__}:{own()}"
     return settings_fingerprint(task)
+
+
+def path_fingerprint(path: str) -> str:
+    """sha256 (16 hex digits) of a file's content, or of a folder's files (relative names and contents; hidden
+    files skipped)."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(dp, f) for dp, dns, fs in os.walk(path) for f in fs if not f.startswith("."))
+    for p in files:
+        h.update(os.path.relpath(p, path).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

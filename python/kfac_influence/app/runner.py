@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ..diffusion.models import check_image_size, model_config
 from ..diffusion.vae import vae_source
 from ..engine import CheckpointMismatch
+from ..identity import path_fingerprint
 from ..storage import atomic_write_json, short_message
 from . import stages
 from .context import RunContext
@@ -49,19 +50,6 @@ INPUT_NAMES = {"vae": "the VAE (its weights)", "latents": "the cached latents", 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _path_identity(path: str) -> str:
-    """sha256 (16 hex digits) of a file's content, or of a folder's files (relative names and contents)."""
-    h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(dp, f) for dp, dns, fs in os.walk(path) for f in fs if not f.startswith("."))
-    for p in files:
-        h.update(os.path.relpath(p, path).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _signature(d: str, manifest: List[str]) -> Dict[str, List[int]]:
@@ -100,7 +88,7 @@ class Pipeline:
     def _path_identity(self, path: str) -> str:
         """``_path_identity``, once per command (a --model folder is read once)."""
         if path not in self._identities:
-            self._identities[path] = _path_identity(path)
+            self._identities[path] = path_fingerprint(path)
         return self._identities[path]
 
     def dependencies(self, stage: str) -> Tuple[str, ...]:

@@ -43,7 +43,6 @@ content of the rows it uses; for an encoder, the content of its folders and ``ma
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -52,7 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..identity import tensors_fingerprint
+from ..identity import path_fingerprint, tensors_fingerprint
 from .data import IMAGE_EXTENSIONS, DataError, ImageDataset
 
 __all__ = ["TextError", "TextConfig", "METADATA_FILE", "read_captions", "with_captions", "Embedded",
@@ -373,20 +372,6 @@ def encoder_folders(path: str) -> Tuple[str, str]:
     return enc, tok
 
 
-def _folder_identity(paths: Sequence[str], extra) -> str:
-    """sha256 (16 hex digits) of the files (relative names and contents) of folders, and ``extra``."""
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
-    for root in dict.fromkeys(paths):
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if not f.startswith("."))
-        h.update(b"\1")
-        for p in files:
-            h.update(os.path.relpath(p, root).encode() + b"\0")
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
-
-
 class ClipTextEncoder:
     """transformers' ``CLIPTextModel`` + ``CLIPTokenizer`` from a local folder (``encoder_folders``), loaded on
     first use with ``local_files_only=True``; ``encode(texts)`` gives ``last_hidden_state`` ``(n, L, E)`` float32,
@@ -414,8 +399,9 @@ class ClipTextEncoder:
     def identity(self) -> str:
         """Content of the encoder and tokenizer folders, and ``max_length``."""
         if self._identity is None:
-            self._identity = _folder_identity([self.encoder_dir, self.tokenizer_dir],
-                                              {"max_length": self.max_length})
+            folders = list(dict.fromkeys([self.encoder_dir, self.tokenizer_dir]))
+            self._identity = tensors_fingerprint([{"max_length": self.max_length},
+                                                  [path_fingerprint(f) for f in folders]])
         return self._identity
 
     def _load(self):

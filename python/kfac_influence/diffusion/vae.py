@@ -28,7 +28,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..engine import CheckpointMismatch
 from ..identity import tensors_fingerprint
 from ..storage import load_tensors, save_tensors
-from .models import ModelError, check_finite_weights
+from .models import ModelError, _read_json_config, check_finite_weights
 from .training import _lr_factor, _prefixed, _unprefixed, optimizer_from_flat, optimizer_to_flat
 
 __all__ = ["VAE_PRESETS", "VAEConfig", "VAETrainResult", "vae_source", "vae_config", "build_vae", "load_vae",
@@ -122,13 +122,7 @@ def vae_config(spec: str) -> dict:
     if src == "preset":
         return dict(VAE_PRESETS[spec])
     path = os.path.join(src, "config.json")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read the VAE config ({exc})".splitlines()[0]) from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{path}: a VAE config must be a JSON object")
+    cfg = _read_json_config(path)
     cls = cfg.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise ModelError(f"{path}: VAE class {cls!r} is not supported (expected AutoencoderKL)")
