@@ -8,6 +8,7 @@ ValueError with one line.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import replace
 from typing import Optional
@@ -145,8 +146,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--labels", default="auto", choices=["auto", "true", "false"],
                    help="class-conditional retraining and measurement (auto: when the model has class embeddings)")
-    p.add_argument("--condition-dropout", type=float, default=0.1,
-                   help="class-conditional runs: probability of training a label as the null class (as the run)")
+    p.add_argument("--condition-dropout", type=float, default=None,
+                   help="class-conditional runs: probability of training a label as the null class (default: the "
+                        "run's, from the run.json beside --scores' folder, else 0.1; a value other than the run's "
+                        "is refused)")
     p.add_argument("--query-labels", default=None,
                    help="class-conditional runs: (Q,) file of each query's class (default: the queries file's "
                         "\"labels\" entry)")
@@ -225,6 +228,28 @@ def _query_labels(args, num_queries: int, null_label: int) -> torch.Tensor:
     return y
 
 
+def _condition_dropout(args) -> float:
+    """The retraining's condition dropout: the run's (``settings.train.condition_dropout`` of the ``run.json`` of
+    the run folder holding ``--scores``, ``OUT/scores/scores.safetensors``) unless none is recorded (then
+    ``--condition-dropout`` or 0.1). A ``--condition-dropout`` other than the run's is refused: the retrained models
+    would be trained differently from the model the scores attribute."""
+    run_json = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.scores))), "run.json")
+    recorded = None
+    if os.path.isfile(run_json):
+        try:
+            with open(run_json) as f:
+                recorded = json.load(f)["settings"]["train"]["condition_dropout"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+    if recorded is not None and args.condition_dropout is not None \
+            and float(args.condition_dropout) != float(recorded):
+        raise ValueError(f"--condition-dropout {args.condition_dropout}: the run ({run_json}) was trained with "
+                         f"{recorded}; retraining must match it (leave the option out to take the run's)")
+    if recorded is not None:
+        return float(recorded)
+    return 0.1 if args.condition_dropout is None else float(args.condition_dropout)
+
+
 def _setup(args):
     """Data, scores, and the retraining / measurement functions (class-conditional when the run was).
 
@@ -266,7 +291,7 @@ def _setup(args):
             raise ValueError(f"--model {args.model} has num_class_embeds={null_label + 1}: room for {null_label} "
                              f"classes and the null class, but the data has labels up to {k - 1}")
         qlabels = _query_labels(args, len(queries), null_label)
-        cfg_kw["condition_dropout"] = args.condition_dropout
+        cfg_kw["condition_dropout"] = _condition_dropout(args)
         extra = {"labels": data.labels, "null_label": null_label}
         key["condition"] = {"kind": "class", "null_label": null_label,
                             "labels": tensors_fingerprint([data.labels])}
