@@ -162,6 +162,26 @@ def optimizer_from_flat(tensors: Dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _load_matching(ckpt: str, identity: dict, what: str):
+    """``(tensors, header)`` of the training checkpoint ``ckpt``; ``CheckpointMismatch`` naming the entries of
+    ``identity`` that differ (``what``: what it may be a checkpoint of)."""
+    tensors, saved = load_tensors(ckpt)
+    differs = [k for k, v in identity.items() if saved.get(k) != v]
+    if differs:
+        raise CheckpointMismatch(f"{ckpt}: checkpoint of a different {what} ({', '.join(differs)} differ); "
+                                 f"delete it to start over")
+    return tensors, saved
+
+
+def _next_batch(perm: torch.Tensor, cursor: int, n: int, batch_size: int, gen: torch.Generator):
+    """``(indices, perm, cursor)``: the next batch of an epoch-wise shuffle (a new permutation when the epoch's
+    rest is smaller than a batch: the incomplete tail is dropped; with replacement when the batch exceeds ``n``)."""
+    if cursor + batch_size > n:
+        perm, cursor = torch.randperm(n, generator=gen), 0
+    idx = perm[cursor: cursor + batch_size] if batch_size <= n else torch.randint(0, n, (batch_size,), generator=gen)
+    return idx, perm, cursor + batch_size
+
+
 def _prefixed(prefix: str, d: dict) -> Dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v.detach().clone() for k, v in d.items()}
 
@@ -267,11 +287,7 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
             identity["condition"] = tensors_fingerprint([condition])
             identity["null_condition"] = tensors_fingerprint([null_condition])
     if ckpt and os.path.isfile(ckpt):
-        tensors, saved = load_tensors(ckpt)
-        differs = [k for k, v in identity.items() if saved.get(k) != v]
-        if differs:
-            raise CheckpointMismatch(f"{ckpt}: checkpoint of a different training config or data "
-                                     f"({', '.join(differs)} differ); delete it to start over")
+        tensors, saved = _load_matching(ckpt, identity, "training config or data")
         model.load_state_dict(_unprefixed("model", tensors))
         ema.model.load_state_dict(_unprefixed("ema", tensors))
         opt.load_state_dict(optimizer_from_flat(tensors, saved["optimizer"]))
@@ -284,11 +300,7 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
     bar = tqdm(total=config.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
     ema_loss = None
     for step in range(start, config.steps):
-        if cursor + config.batch_size > n:  # new epoch (drop the incomplete tail)
-            perm, cursor = torch.randperm(n, generator=gen), 0
-        idx = perm[cursor: cursor + config.batch_size] if config.batch_size <= n else \
-            torch.randint(0, n, (config.batch_size,), generator=gen)
-        cursor += config.batch_size
+        idx, perm, cursor = _next_batch(perm, cursor, n, config.batch_size, gen)
         x0 = images[idx].to(device)
         t = torch.randint(0, T, (x0.shape[0],), generator=gen)
         eps = torch.randn(x0.shape, generator=gen).to(device)

@@ -24,7 +24,6 @@ uninterrupted one; a checkpoint of another config or other images is refused (``
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -33,11 +32,11 @@ from typing import List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import CheckpointMismatch
 from ..identity import tensors_fingerprint
-from ..storage import load_tensors, save_tensors
+from ..storage import save_tensors
 from .models import ModelError, _read_json_config, check_finite_weights
-from .training import _lr_factor, _prefixed, _unprefixed, optimizer_from_flat, optimizer_to_flat
+from .training import (_load_matching, _lr_factor, _next_batch, _prefixed, _unprefixed, optimizer_from_flat,
+                       optimizer_to_flat)
 
 __all__ = ["VAE_PRESETS", "VAEConfig", "VAETrainResult", "vae_source", "vae_config", "build_vae", "load_vae",
            "latent_shape", "train_vae", "latent_std", "save_vae", "latent_pipeline"]
@@ -173,11 +172,7 @@ def load_vae(path: str):
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         raise ModelError(f"{path}: not a diffusers AutoencoderKL folder (no config.json)")
-    try:
-        with open(cfg) as f:
-            cls = json.load(f).get("_class_name", "AutoencoderKL")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelError(f"{cfg}: cannot read ({exc})".splitlines()[0]) from None
+    cls = _read_json_config(cfg).get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise ModelError(f"{cfg}: VAE class {cls!r} is not supported (expected AutoencoderKL)")
     try:
@@ -249,11 +244,7 @@ def train_vae(vae, images: torch.Tensor, config: VAEConfig, checkpoint_dir: Opti
     identity = {"kind": "vae_train_state", "version": VAE_STATE_VERSION, "config": config.training(),
                 "architecture": _architecture(vae), "num_images": n, "data": tensors_fingerprint([images])}
     if ckpt and os.path.isfile(ckpt):
-        tensors, saved = load_tensors(ckpt)
-        differs = [k for k, v in identity.items() if saved.get(k) != v]
-        if differs:
-            raise CheckpointMismatch(f"{ckpt}: checkpoint of a different VAE, config or data ({', '.join(differs)} "
-                                     f"differ); delete it to start over")
+        tensors, saved = _load_matching(ckpt, identity, "VAE, config or data")
         vae.load_state_dict(_unprefixed("vae", tensors))
         opt.load_state_dict(optimizer_from_flat(tensors, saved["optimizer"]))
         lr_sched.load_state_dict(saved["lr_scheduler"])
@@ -263,11 +254,7 @@ def train_vae(vae, images: torch.Tensor, config: VAEConfig, checkpoint_dir: Opti
     bar = tqdm(total=config.steps, initial=start, desc="train vae", disable=not progress, dynamic_ncols=True)
     try:
         for step in range(start, config.steps):
-            if cursor + config.batch_size > n:  # new epoch (drop the incomplete tail)
-                perm, cursor = torch.randperm(n, generator=gen), 0
-            idx = perm[cursor: cursor + config.batch_size] if config.batch_size <= n else \
-                torch.randint(0, n, (config.batch_size,), generator=gen)
-            cursor += config.batch_size
+            idx, perm, cursor = _next_batch(perm, cursor, n, config.batch_size, gen)
             x = images[idx].to(device)
             post = vae.encode(x).latent_dist
             eps = torch.randn(post.mean.shape, generator=gen).to(device)
