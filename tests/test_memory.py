@@ -44,6 +44,20 @@ def test_mlp_footprint_matches_hand_count():
     assert few.fixed == base + 4 * (fp.grad_numel * 8 + 220 * (8 + 2 * 4))
 
 
+def test_measuring_a_footprint_keeps_no_activations_alive():
+    """The saved-tensor hook must not tie an op's output to its own graph node: that reference cycle (C++, out of
+    the garbage collector's reach) kept a whole forward's activations alive after every call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_unet(size=8, channels=(4, 8))
+    task = DiffusionTask(scheduler(), num_train_draws=1)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fp = measure_footprint(model, task, x)
+    net = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    assert net < 0.1 * fp.act_bytes_per_row
+
+
 def test_unet_conv_positions_and_linearity():
     model = tiny_unet(size=8, channels=(4, 8))
     task = DiffusionTask(scheduler(), num_train_draws=1)

@@ -125,8 +125,16 @@ def measure_footprint(model: nn.Module, task, sample: Any, *, config: CurvatureC
     n = len(rows)
     params = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
     saved = []
-    with use_model_mode(model, model_mode), torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.append(t) or t, lambda t: t):
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        # a detached alias (same storage): packing the tensor itself would tie an op's output to its own graph
+        # node, a reference cycle that keeps every saved activation alive after this function (0.9 GiB per call
+        # for the SD-1.5 UNet at two draws)
+        t = t.detach()
+        saved.append(t)
+        return t
+
+    with use_model_mode(model, model_mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with capture, torch.enable_grad():
             f = task.forward(model, rows)
     kept = saved + [x for calls in capture.records.values() for x, out, _ in calls] + [f]
