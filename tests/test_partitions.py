@@ -127,11 +127,77 @@ def test_partition_state_peak_follows_the_fit_timeline():
     # beside the state, per factor: its float32 copy (4 n^2) and the eigendecomposition's transient (CPU, in place:
     # the eigenvectors and O(n) workspace; CUDA: torch.linalg.eigh's 24 n^2), or the converted bases (16 n^2 + 8 n)
     cpu = {n: max(4 * n * n + 8 * n * n + 64 * n, 16 * n * n + 8 * n) for n in (3, 4)}
-    want = max(sums + cpu[4], sums - 8 * 16 + res_a + cpu[3], results + 8 * 12)
+    # the passes: a chunk's term (float64 for a float64 model, so added without conversion) and the op's scratch
+    # beside the sums: A's 4 x 4 covariance in pass 1, the 3 x 4 eigenvalue term beside 8 * 12 of sums in pass 2
+    pass1, pass2 = sums + 2 * 8 * 16, results + 8 * 12 + 2 * 8 * 12
+    want = max(pass1, sums + cpu[4], sums - 8 * 16 + res_a + cpu[3], pass2)
     assert partition_state_peak([spec], cfg, F64) == want
     cuda = {n: max(4 * n * n + 24 * n * n, 16 * n * n + 8 * n) for n in (3, 4)}
-    want = max(sums + cuda[4], sums - 8 * 16 + res_a + cuda[3], results + 8 * 12)
+    want = max(pass1, sums + cuda[4], sums - 8 * 16 + res_a + cuda[3], pass2)
     assert partition_state_peak([spec], cfg, F64, device="cuda") == want
+    # a float32 model: its float32 terms go into the float64 sums a row block at a time (at most 8 n bytes here)
+    assert partition_state_peak([spec], cfg, torch.float32, draws_bytes=100) >= sums + 100 + 2 * 4 * 16 + 8 * 16
+
+
+def _allocated_peak(fn):
+    """Peak bytes the CPU allocator holds over ``fn()`` beyond what it held before (the profiler's allocation
+    trace: every allocation and free, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
+def test_float32_terms_enter_float64_sums_without_a_whole_float64_copy():
+    """``total += value`` converts the whole float32 operand to float64 first (8 n^2 bytes for a covariance);
+    ``add_into`` adds the same values a row block at a time."""
+    from kfac_influence.curvature.fit import add_into
+    from kfac_influence.memory import ADD_BLOCK_BYTES
+
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(1500, 1500, generator=g)  # 18 MB as float64: over one block
+    total, want = torch.randn(1500, 1500, generator=g, dtype=F64), None
+    want = total.clone()
+    assert _allocated_peak(lambda: want.add_(value)) >= 8 * value.numel()  # what add_into avoids
+    assert _allocated_peak(lambda: add_into(total, value)) <= ADD_BLOCK_BYTES
+    assert torch.equal(total, want)  # the same roundings
+    lam = torch.zeros(7, dtype=F64)
+    add_into(lam, torch.arange(7.0))
+    assert torch.equal(lam, torch.arange(7.0, dtype=F64))
+
+
+@pytest.mark.parametrize("op", ["linear", "conv-unfold", "conv-shifted", "eigenvalue-correction"])
+def test_the_fits_ops_allocate_at_most_twice_their_output(op):
+    """memory.partition_state_peak counts a chunk's covariance or eigenvalue term twice (its output and the op's
+    scratch); eigenvalue_correction's per-example tiles are the per-draw scratch (memory.estimate), here one
+    draw's worth of them, and the unfolding conv path's patches are per-draw terms too."""
+    import kfac_kernels as kk
+
+    g = torch.Generator().manual_seed(0)
+    scratch = 0
+    if op == "linear":
+        rows = torch.randn(300, 257, generator=g)
+        run = lambda: kk.linear_covariance(rows, append_one=True)  # noqa: E731
+    elif op.startswith("conv"):
+        size = 4 if op == "conv-unfold" else 12  # below / above the shifted-Gram path's 64 output positions
+        x = torch.randn(2, 40, size, size, generator=g)
+        run = lambda: kk.conv_covariance(x, (3, 3), 1, 1, 1, append_one=True)  # noqa: E731
+        if op == "conv-unfold":  # and the unfolded patches (n R d: memory.estimate's per-draw terms), twice
+            scratch = 2 * 4 * 2 * size * size * 40 * 9
+    else:
+        a, gr = torch.randn(1, 5, 301, generator=g), torch.randn(1, 5, 97, generator=g)
+        qa, qg = torch.randn(302, 302, generator=g), torch.randn(97, 97, generator=g)
+        run = lambda: kk.eigenvalue_correction(a, gr, qa, qg, append_one=True)  # noqa: E731
+        scratch = 4 * 302 * 97 + 4 * 5 * (302 + 97)  # one per-example tile, and the rotated a and g
+    out = run()
+    assert _allocated_peak(run) <= 2 * out.numel() * out.element_size() + scratch
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -26,10 +26,12 @@ from .data_iter import get_batch, num_examples
 from .engine import model_device_dtype, use_model_mode
 
 __all__ = ["Footprint", "MemoryEstimate", "FitPlan", "measure_footprint", "estimate", "choose_draws_per_forward",
-           "plan_fit", "ScorePlan", "plan_scores", "layer_state_bytes", "partition_state_peak", "parse_bytes", "STAGES", "SCRATCH_BYTES"]
+           "plan_fit", "ScorePlan", "plan_scores", "layer_state_bytes", "partition_state_peak", "parse_bytes", "STAGES", "SCRATCH_BYTES",
+           "ADD_BLOCK_BYTES"]
 
 STAGES = ("fit", "scores")
 SCRATCH_BYTES = 256 << 20  # kfac_kernels' torch path: per-example scratch budget per op call (chunk_size_for)
+ADD_BLOCK_BYTES = 16 << 20  # the fit adds a chunk's float32 terms into its float64 sums in row blocks this size
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
@@ -244,15 +246,20 @@ def partition_state_peak(specs: Sequence[LayerSpec], config: CurvatureConfig, mo
                          draws_bytes: int = 0, device: Union[str, torch.device] = "cpu") -> int:
     """Peak bytes of the fit's state for one partition of layers, over its timeline (docs/memory.md):
 
-    pass 1        sum_l 8 (a^2 + g^2)  (float64 sums of A, G)                               + ``draws_bytes``
+    pass 1        sum_l 8 (a^2 + g^2)  (float64 sums of A, G)            + ``draws_bytes`` + add(max(a^2, g^2))
     eigh of l     the sums of the layers not yet done + the results of those done + l's results so far +, for
                   the factor being decomposed (n = a, then g; its float64 mean is formed in place of its sum):
                   its stored copy (item n^2, made first; none in float64, where the mean is stored) and the
                   eigendecomposition's transient (``curvature.eigen.transient_bytes``: 8 n^2 in place on the
                   CPU, 24 n^2 for torch.linalg.eigh)
-    pass 2        sum_l results + 8 a g (float64 EK-FAC eigenvalue sums)                    + ``draws_bytes``
+    pass 2        sum_l results + 8 a g (float64 EK-FAC eigenvalue sums)      + ``draws_bytes`` + add(a g)
     with a = d_in', g = d_out and results = (2 item + pass_item) (a^2 + g^2) + 16 (a + g): A, G and their
-    eigenbases in the stored dtype (and the pass's bases in the model dtype when it differs)."""
+    eigenbases in the stored dtype (and the pass's bases in the model dtype when it differs). add(n), over the
+    partition's largest layer: a chunk's term of n values (the ops' output, float32, or float64 for a float64
+    model), as much again for the op's own scratch (measured by the allocator's trace, bench/RESULTS.md: 2.0x
+    for ``linear_covariance`` with its bias row and the unfolding conv path, 1.8x for the shifted-Gram conv path,
+    2.0x for ``eigenvalue_correction`` beside its per-example scratch) and, below float64, one row block of it
+    converted for the float64 sum (``ADD_BLOCK_BYTES``)."""
     from .curvature.eigen import transient_bytes
 
     item = torch.empty((), dtype=config.dtype).element_size()
@@ -265,11 +272,16 @@ def partition_state_peak(specs: Sequence[LayerSpec], config: CurvatureConfig, mo
     def results(s):
         return (2 * item + pass_item) * (s.d_in_total ** 2 + s.d_out ** 2) + 16 * (s.d_in_total + s.d_out)
 
+    term_item = max(torch.empty((), dtype=model_dtype).element_size(), 4)
+
+    def add(n):  # a chunk's term of n values on its way into a float64 sum (curvature.fit.add_into)
+        return 2 * term_item * n + (min(ADD_BLOCK_BYTES, 8 * n) if term_item < 8 else 0)
+
     def factor(n):  # beside the state: during the decomposition, then while the eigenvectors are converted
         return max(copy * n * n + transient_bytes(n, device, overwrite=copy > 0),
                    (2 * item + pass_item) * n * n + 8 * n)
 
-    peak = sum(map(sums, specs)) + draws_bytes
+    peak = sum(map(sums, specs)) + draws_bytes + max(add(max(s.d_in_total, s.d_out) ** 2) for s in specs)
     pending, done = sum(map(sums, specs)), 0
     for s in specs:
         a, g = s.d_in_total, s.d_out
@@ -278,8 +290,10 @@ def partition_state_peak(specs: Sequence[LayerSpec], config: CurvatureConfig, mo
                    pending - 8 * a * a + done + (2 * item + pass_item) * a * a + 8 * a + factor(g))
         pending -= sums(s)
         done += results(s)
-    lam = sum(8 * s.d_in_total * s.d_out for s in specs) if config.method == "ekfac" else 0
-    return max(peak, done + lam + draws_bytes)
+    if config.method != "ekfac":
+        return peak
+    lam = sum(8 * s.d_in_total * s.d_out for s in specs)
+    return max(peak, done + lam + draws_bytes + max(add(s.d_in_total * s.d_out) for s in specs))
 
 
 @dataclass(frozen=True)

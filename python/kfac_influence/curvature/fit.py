@@ -20,7 +20,7 @@ from ..data_iter import num_examples
 from ..engine import (Checkpoint, Shard, check_draws_per_forward, draw_pass, finite_layer_sum, model_device_dtype,
                       total_groups)
 from ..identity import data_fingerprint, task_fingerprint
-from ..memory import layer_state_bytes, plan_fit
+from ..memory import ADD_BLOCK_BYTES, layer_state_bytes, plan_fit
 from ..storage import model_fingerprint
 from ..tasks.base import Task
 from .config import CurvatureConfig
@@ -45,6 +45,18 @@ def input_covariance(spec: LayerSpec, xs, approx: str):
     if approx == "reduce":
         return kk.linear_covariance(a.mean(dim=1), append_one=spec.has_bias), a.shape[0]
     return kk.linear_covariance(a.reshape(-1, a.shape[-1]), append_one=spec.has_bias), a.shape[0] * a.shape[1]
+
+
+def add_into(total: torch.Tensor, value: torch.Tensor) -> None:
+    """``total += value`` for a float64 sum and a lower-precision ``value`` without a whole float64 copy of
+    ``value``: torch first converts the whole operand to the sum's dtype (8 d^2 bytes beside a float32 d x d
+    covariance: 1 GiB for an 11521-wide conv factor), so add row blocks of at most ``ADD_BLOCK_BYTES``."""
+    if value.dtype == total.dtype or value.dim() == 0:
+        total += value
+        return
+    rows = max(1, ADD_BLOCK_BYTES // max(1, value[0].numel() * total.element_size()))
+    for i in range(0, value.shape[0], rows):
+        total[i:i + rows] += value[i:i + rows]
 
 
 def output_covariance(spec: LayerSpec, calls, approx: str) -> torch.Tensor:
@@ -320,12 +332,12 @@ def _fit_layers(modules: Dict[str, nn.Module], ckpt: Checkpoint, *, model, task,
         if state.stage == "factors":
             def add_g(name, calls):
                 cov = output_covariance(specs[name], rounded_calls(calls, low), config.approx)
-                state.sums[f"{name}::G"] += finite_layer_sum(name, cov, calls)
+                add_into(state.sums[f"{name}::G"], finite_layer_sum(name, cov, calls))
             for chunk in chunks("factors"):
                 for name, calls in capture.records.items():
                     xs = [x if low is None else x.to(low) for x, _, _ in calls]
                     cov, count = input_covariance(specs[name], xs, config.approx)
-                    state.sums[f"{name}::A"] += finite_layer_sum(name, cov, [(x, None) for x in xs])
+                    add_into(state.sums[f"{name}::A"], finite_layer_sum(name, cov, [(x, None) for x in xs]))
                     state.counts[f"{name}::A"] += int(count)
                 chunk.fisher_backward(task, config.fisher, add_g)
                 state.counts["draws"] += len(chunk.draws)
@@ -345,8 +357,8 @@ def _fit_layers(modules: Dict[str, nn.Module], ckpt: Checkpoint, *, model, task,
             def add_lambda(name, calls):
                 a, g = calls_as_rows(specs[name], rounded_calls(calls, low), patches=True)
                 qa, qg = bases[name]
-                state.sums[f"{name}::Lambda"] += finite_layer_sum(name, kk.eigenvalue_correction(
-                    a, g, qa, qg, append_one=specs[name].has_bias), calls)
+                add_into(state.sums[f"{name}::Lambda"], finite_layer_sum(name, kk.eigenvalue_correction(
+                    a, g, qa, qg, append_one=specs[name].has_bias), calls))
 
             for chunk in chunks("eigenvalues"):
                 chunk.fisher_backward(task, config.fisher, add_lambda)
