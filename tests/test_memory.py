@@ -40,8 +40,18 @@ def test_mlp_footprint_matches_hand_count():
     assert q.fixed == base + 4 * fp.grad_numel * 8 + 8 * 4 * 10_000
     assert q8.fixed == base + 4 * fp.grad_numel * 1 + 8 * 4 * 10_000
     few = estimate(fp, "scores", 7, num_queries=4, num_examples=1)  # query pass dominates
-    # gradients (float64) + the largest layer's preconditioning temporaries (float64 in, two float32 out)
-    assert few.fixed == base + 4 * (fp.grad_numel * 8 + 220 * (8 + 2 * 4))
+    # beside the draws: the raw gradients (query pass) or the held ones and the (4, 1) scores (train pass)
+    assert few.fixed == base + 4 * fp.grad_numel * 8 + 8 * 4
+    # preconditioning, no draw alive: the gradients + the largest layer's temporaries (float64 in, two float32 out)
+    assert few.floor == base + 4 * (fp.grad_numel * 8 + 220 * (8 + 2 * 4))
+    assert few.total == max(few.fixed + 7 * few.per_row + few.scratch, few.floor)
+    assert estimate(fp, "scores", 1, num_queries=400, num_examples=1).total == \
+        estimate(fp, "scores", 1, num_queries=400, num_examples=1).floor  # many queries, one draw: the floor
+    # streamed: two layers' factors (the largest twice) while preconditioning, the last layer's during the passes
+    s = estimate(fp, "scores", 7, num_queries=4, num_examples=1, streamed=True)
+    sizes = [11 * 11 + 20 * 20 + 220, 21 * 21 + 9 + 63]
+    assert s.fixed == few.fixed - 4 * fp.factor_numel + 4 * sizes[-1]
+    assert s.floor == few.floor - 4 * fp.factor_numel + 4 * 2 * max(sizes)
 
 
 def test_measuring_a_footprint_keeps_no_activations_alive():

@@ -78,16 +78,18 @@ class Footprint:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak bytes of one stage: ``fixed + draws_per_forward * per_row + scratch``."""
+    """Peak bytes of one stage: ``max(fixed + draws_per_forward * per_row + scratch, floor)``, ``floor``: the peak
+    of a phase with no draw alive (scoring's preconditioning of the query gradients; 0 for the fit)."""
     stage: str
     draws_per_forward: int
     fixed: int
     per_row: int
     scratch: int
+    floor: int = 0
 
     @property
     def total(self) -> int:
-        return self.fixed + self.draws_per_forward * self.per_row + self.scratch
+        return max(self.fixed + self.draws_per_forward * self.per_row + self.scratch, self.floor)
 
 
 def _storage_key(t: torch.Tensor):
@@ -167,10 +169,14 @@ def estimate(fp: Footprint, stage: str, draws_per_forward: int, *, num_queries: 
 
     fit:    fixed = params + 8 * F (float64 sums) + 2 * factor_itemsize * F (factors, eigenbases: output)
             per_row = act + out_grads * fisher_vectors + 2 D * itemsize (f, the vector) + unfold
-    scores: fixed = params + factor_itemsize * F + max(Q (W max(itemsize, factor_itemsize) + max_l d_out d_in'
-            (itemsize + 2 factor_itemsize)) (query pass: the gradients, preconditioned a layer at a time), Q W (1 if
-            int8 else itemsize) + Q N max(itemsize, 4) (train pass: the held queries and the score matrix))
+    scores: fixed = params + factor_itemsize * F_kept + max(Q W max(itemsize, factor_itemsize) (query pass: the
+            raw gradients), Q W (1 if int8 else itemsize) + Q N max(itemsize, 4) (train pass: the held queries
+            and the score matrix))
             per_row = act + out_grads + D * itemsize + unfold
+            floor = params + factor_itemsize * F_used + Q (W max(itemsize, factor_itemsize) + max_l d_out d_in'
+            (itemsize + 2 factor_itemsize)) (between the passes: the gradients, preconditioned a layer at a time)
+            F_kept = F_used = F for a curvature in memory; streamed, F_used = two layers' (one and the next, read
+            ahead) and F_kept = the last layer's, which stays cached through the passes
     with F = sum_l (d_in'^2 + d_out^2 + d_out d_in'), W = sum_l d_out d_in'; scratch: the kernels' per-example
     chunk (<= SCRATCH_BYTES on the torch path, 0 when the whole batch's chunk is smaller).
     """
@@ -187,19 +193,21 @@ def estimate(fp: Footprint, stage: str, draws_per_forward: int, *, num_queries: 
             + fp.unfold_bytes_per_row
     else:
         qbytes = 1 if int8_queries else item
-        # the gradients, preconditioned a layer at a time (out in the factors' dtype), and the preconditioner's
-        # two temporaries for the largest layer
-        largest_numel = max(di * do for _, di, do, _ in fp.layers)
-        query_pass = num_queries * (fp.grad_numel * max(item, factor_itemsize)
-                                    + largest_numel * (item + 2 * factor_itemsize))
+        grads = num_queries * fp.grad_numel * max(item, factor_itemsize)
         train_pass = num_queries * fp.grad_numel * qbytes + max(item, 4) * num_queries * num_examples
         # a streamed curvature (load_curvature(stream=True)) holds one layer's (Q_A, Q_G, Lambda) and the next
-        # one read ahead, instead of every factor
-        factors = 2 * max(di * di + do * do + di * do for _, di, do, _ in fp.layers) if streamed \
-            else fp.factor_numel
-        fixed = fp.param_bytes + factor_itemsize * factors + max(query_pass, train_pass)
+        # one read ahead while it preconditions, and keeps the last layer cached afterwards
+        sizes = [di * di + do * do + di * do for _, di, do, _ in fp.layers]
+        used, kept = (2 * max(sizes), sizes[-1]) if streamed else (fp.factor_numel, fp.factor_numel)
+        fixed = fp.param_bytes + factor_itemsize * kept + max(grads, train_pass)
+        # preconditioning, with no draw alive: the gradients (each raw layer dropped once preconditioned, the
+        # result in the factors' dtype) and the preconditioner's two temporaries for the largest layer
+        largest_numel = max(di * do for _, di, do, _ in fp.layers)
+        floor = fp.param_bytes + factor_itemsize * used + grads \
+            + num_queries * largest_numel * (item + 2 * factor_itemsize)
         scratch = max(scratch, min(SCRATCH_BYTES, num_queries * largest))
         per_row = fp.act_bytes_per_row + fp.out_bytes_per_row + fp.output_numel * item + fp.unfold_bytes_per_row
+        return MemoryEstimate(stage, int(draws_per_forward), int(fixed), int(per_row), int(scratch), int(floor))
     return MemoryEstimate(stage, int(draws_per_forward), int(fixed), int(per_row), int(scratch))
 
 
@@ -395,8 +403,8 @@ def plan_scores(model: nn.Module, task, sample: Any, max_memory: Union[int, str]
     if total(1, 1) > budget:
         e = est(1, 1)
         raise MemoryError(f"scores: even one query at one draw per forward needs ~{total(1, 1) / 2**20:.0f} MiB "
-                          f"(fixed {e.fixed / 2**20:.0f} MiB, per draw {e.per_row / 2**20:.1f} MiB) > "
-                          f"{budget / 2**20:.0f} MiB")
+                          f"(fixed {e.fixed / 2**20:.0f} MiB, per draw {e.per_row / 2**20:.1f} MiB, "
+                          f"preconditioning {e.floor / 2**20:.0f} MiB) > {budget / 2**20:.0f} MiB")
     lo, hi = 1, num_queries
     while lo < hi:  # total(q, 1) is non-decreasing in q (but for the jump at q = Q, which only adds the block's)
         mid = (lo + hi + 1) // 2
