@@ -135,8 +135,12 @@ def test_partition_state_peak_follows_the_fit_timeline():
     cuda = {n: max(4 * n * n + 24 * n * n, 16 * n * n + 8 * n) for n in (3, 4)}
     want = max(pass1, sums + cuda[4], sums - 8 * 16 + res_a + cuda[3], pass2)
     assert partition_state_peak([spec], cfg, F64, device="cuda") == want
-    # a float32 model: its float32 terms go into the float64 sums a row block at a time (at most 8 n bytes here)
-    assert partition_state_peak([spec], cfg, torch.float32, draws_bytes=100) >= sums + 100 + 2 * 4 * 16 + 8 * 16
+    # K-FAC (no pass 2) with many draws: pass 1 is the peak; its chunk term is A's 4 x 4 covariance, twice, and
+    # for a float32 model one row block of it converted to float64 (the whole of it here: 8 * 16 bytes)
+    kfac = CurvatureConfig(method="kfac", dtype=torch.float32)
+    assert partition_state_peak([spec], kfac, F64, draws_bytes=10 ** 4) == sums + 10 ** 4 + 2 * 8 * 16
+    assert partition_state_peak([spec], kfac, torch.float32, draws_bytes=10 ** 4) == \
+        sums + 10 ** 4 + 2 * 4 * 16 + 8 * 16
 
 
 def _allocated_peak(fn):
@@ -171,6 +175,8 @@ def test_float32_terms_enter_float64_sums_without_a_whole_float64_copy():
     lam = torch.zeros(7, dtype=F64)
     add_into(lam, torch.arange(7.0))
     assert torch.equal(lam, torch.arange(7.0, dtype=F64))
+    with pytest.raises(ValueError, match="shape"):  # no silent broadcast into the first block only
+        add_into(total, value[:1])
 
 
 @pytest.mark.parametrize("op", ["linear", "conv-unfold", "conv-shifted", "eigenvalue-correction"])
@@ -250,3 +256,33 @@ def test_values_fingerprint_of_a_streamed_curvature_reads_a_layer_at_a_time(tmp_
         LayerFiles.__getitem__ = real
     assert fp == reference.values_fingerprint()
     assert most[0] == 1, most  # when a layer is read, the previous layer's tensors are gone
+
+
+def test_a_loaded_streamed_curvature_reads_ahead_in_module_order(tmp_path):
+    """The file's header sorts its layers by name; a loaded curvature keeps the module order, so each layer's
+    read-ahead is the next one preconditioned, and after preconditioning only the last layer stays cached."""
+    from kfac_influence.curvature.curvature import Curvature
+    from kfac_influence.scoring.pairwise import preconditioned_query_gradients
+
+    unet, task, x, cfg = setup()
+    curv = fit_curvature(unet, task, x, cfg, draws_per_forward=4, progress=False)
+    curv.save(tmp_path / "c.safetensors")
+    order = list(select_layers(unet))
+    assert order != sorted(order)  # the check below means something
+    loaded = load_curvature(tmp_path / "c.safetensors", unet, stream=True)
+    assert loaded.module_names == order
+    assert load_curvature(tmp_path / "c.safetensors", stream=True).module_names == order  # from the header
+    reads, real = [], Curvature._read_layer
+
+    def spy(self, name):
+        reads.append((name, self._ahead[0] if self._ahead else None))
+        return real(self, name)
+
+    Curvature._read_layer = spy
+    try:
+        preconditioned_query_gradients(unet, task, loaded, x[:2], draws_per_forward=4, damping=1e-3)
+    finally:
+        Curvature._read_layer = real
+    assert [n for n, _ in reads] == order
+    assert all(ahead == name for name, ahead in reads[1:])  # every read after the first was read ahead
+    assert loaded._ahead is None and [k[0] for k in loaded._device_cache] == [order[-1]]

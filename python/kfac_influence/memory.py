@@ -231,9 +231,10 @@ def choose_draws_per_forward(model: nn.Module, task, sample: Any, max_memory: Un
                      factor_itemsize=fitem, fisher_vectors=nvec, streamed=streamed)
         hint = " (int8_queries=True or fewer queries per run would shrink the query gradients)" \
             if stage == "scores" and not int8_queries and num_queries else ""
+        floor = f", preconditioning {e.floor / 2**20:.0f} MiB" if e.floor else ""
         raise MemoryError(f"{stage}: even one draw per forward needs ~{e.total / 2**20:.0f} MiB (fixed "
                           f"{e.fixed / 2**20:.0f} MiB, per draw {e.per_row / 2**20:.1f} MiB, scratch "
-                          f"{e.scratch / 2**20:.0f} MiB) > {budget / 2**20:.0f} MiB{hint}")
+                          f"{e.scratch / 2**20:.0f} MiB{floor}) > {budget / 2**20:.0f} MiB{hint}")
     lo, hi = 1, max_batch
     while lo < hi:  # total() is non-decreasing in b
         mid = (lo + hi + 1) // 2

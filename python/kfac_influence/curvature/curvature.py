@@ -154,10 +154,11 @@ class Curvature:
         return self._device_cache[key]
 
     def _read_layer(self, name: str) -> Dict[str, torch.Tensor]:
-        if self._ahead is not None and self._ahead[0] == name:
-            got = self._ahead[1].result()
-            self._ahead = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == name:
+            got = ahead[1].result()
         else:
+            del ahead  # another layer read ahead: not held beside this one
             got = self.factors.files[name].get_many([f"{name}::{k}" for k in ("QA", "QG", "Lambda")])
         return {k.rsplit("::", 1)[1]: v for k, v in got.items()}
 
@@ -228,7 +229,8 @@ class Curvature:
             return current[name][k].to(self.config.dtype)
 
         header = {"kind": "curvature", "config": self.config.to_dict(),
-                  "specs": {n: asdict(s) for n, s in self.specs.items()}, "fingerprint": self.fingerprint,
+                  "specs": {n: asdict(s) for n, s in self.specs.items()}, "layers": list(self.specs),
+                  "fingerprint": self.fingerprint,
                   "num_examples": self.num_examples, "num_draws": self.num_draws}
         write_streamed(path, layout, produce, header)
 
@@ -253,7 +255,12 @@ def load_curvature(path: os.PathLike, model: nn.Module = None, *, check_values: 
         tensors, header = load_tensors(path)
     if header.get("kind") != "curvature":
         raise ValueError(f"{path} holds {header.get('kind')!r}, not a curvature")
-    specs = {n: _spec_from_dict(s) for n, s in header["specs"].items()}
+    # the header's JSON sorts "specs" by name; "layers" keeps the module order (the order a streamed curvature
+    # reads ahead in and the fingerprint hashes in); files written before it get the model's order below
+    order = header.get("layers", list(header["specs"]))
+    if sorted(order) != sorted(header["specs"]):
+        raise ValueError(f"{path}: its header's layer order does not list its layers")
+    specs = {n: _spec_from_dict(header["specs"][n]) for n in order}
     if stream:
         missing = [n for n in specs if any(f"{n}::{k}" not in file.keys for k in FACTOR_NAMES)]
         if missing:
@@ -272,5 +279,6 @@ def load_curvature(path: os.PathLike, model: nn.Module = None, *, check_values: 
     curv = Curvature(CurvatureConfig.from_dict(stored), specs, factors, header["fingerprint"],
                      header["num_examples"], header["num_draws"], default_damping=default)
     if model is not None:
-        curv.check_model(model, check_values=check_values)
+        modules = curv.check_model(model, check_values=check_values)
+        curv.specs = {n: curv.specs[n] for n in modules}
     return curv

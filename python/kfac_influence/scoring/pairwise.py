@@ -233,7 +233,10 @@ def _score_block(model, task, curvature, modules, queries, train, *, preconditio
                                              progress=progress and shard.rank == 0, model_mode=model_mode,
                                              check_values=False, damping=damp, query_rank=query_rank,
                                              groups=query_groups)
-    pre = {k: _held_queries(v, int8_queries, device, low or mdtype) for k, v in pre.items()}
+    held = {}
+    for k in list(pre):  # a layer at a time: the preconditioned and the held copy of one layer at most coexist
+        held[k] = _held_queries(pre.pop(k), int8_queries, device, low or mdtype)
+    pre = held
 
     def after_group(next_group: int) -> None:
         progress_at["next_group"] = next_group
