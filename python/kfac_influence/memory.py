@@ -26,8 +26,8 @@ from .data_iter import get_batch, num_examples
 from .engine import model_device_dtype, use_model_mode
 
 __all__ = ["Footprint", "MemoryEstimate", "FitPlan", "measure_footprint", "estimate", "choose_draws_per_forward",
-           "plan_fit", "ScorePlan", "plan_scores", "layer_state_bytes", "partition_state_peak", "parse_bytes", "STAGES", "SCRATCH_BYTES",
-           "ADD_BLOCK_BYTES"]
+           "plan_fit", "ScorePlan", "plan_scores", "layer_state_bytes", "partition_state_peak", "parse_bytes", "STAGES",
+           "SCRATCH_BYTES", "ADD_BLOCK_BYTES"]
 
 STAGES = ("fit", "scores")
 SCRATCH_BYTES = 256 << 20  # kfac_kernels' torch path: per-example scratch budget per op call (chunk_size_for)

@@ -49,8 +49,9 @@ def input_covariance(spec: LayerSpec, xs, approx: str):
 
 def add_into(total: torch.Tensor, value: torch.Tensor) -> None:
     """``total += value`` for a float64 sum and a lower-precision ``value`` without a whole float64 copy of
-    ``value``: torch first converts the whole operand to the sum's dtype (8 d^2 bytes beside a float32 d x d
-    covariance: 1 GiB for an 11521-wide conv factor), so add row blocks of at most ``ADD_BLOCK_BYTES``."""
+    ``value``: on the CPU torch first converts the whole operand to the sum's dtype (8 d^2 bytes beside a float32
+    d x d covariance: 1 GiB for an 11521-wide conv factor), so add row blocks of at most ``ADD_BLOCK_BYTES``
+    (CUDA converts inside the kernel; the blocks cost it nothing). Bitwise the plain ``+=``."""
     if value.shape != total.shape:
         raise ValueError(f"add_into: a term of shape {tuple(value.shape)} for a sum of shape {tuple(total.shape)}")
     if value.dtype == total.dtype or value.dim() == 0:
