@@ -162,6 +162,18 @@ def optimizer_from_flat(tensors: Dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _training_start(module: torch.nn.Module, images, device,
+                    what: str) -> Tuple[torch.device, torch.Tensor]:
+    """The device (``device``, else the module's), ``module`` moved there in train mode, and ``images`` as a
+    float32 tensor; raises when there are none (``what``: the error's words)."""
+    device = torch.device(device) if device is not None else next(module.parameters()).device
+    module.to(device).train()
+    images = torch.as_tensor(images, dtype=torch.float32)
+    if images.shape[0] == 0:
+        raise ValueError(f"no training images{what}")
+    return device, images
+
+
 def _load_matching(ckpt: str, identity: dict, what: str):
     """``(tensors, header)`` of the training checkpoint ``ckpt``; ``CheckpointMismatch`` naming the entries of
     ``identity`` that differ (``what``: what it may be a checkpoint of)."""
@@ -242,12 +254,8 @@ def train(model: torch.nn.Module, scheduler, images: torch.Tensor, config: Train
     embeddings, ``(1, L, E)``), which replaces an example's row with probability ``config.condition_dropout``
     (needed when it is > 0). Not together with ``labels``.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device).train()
-    images = torch.as_tensor(images, dtype=torch.float32)
+    device, images = _training_start(model, images, device, "")
     n = images.shape[0]
-    if n == 0:
-        raise ValueError("no training images")
     if labels is not None:
         labels = torch.as_tensor(labels)
         if labels.shape != (n,) or labels.is_floating_point() or labels.dtype == torch.bool:

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from ..identity import tensors_fingerprint
 from ..storage import save_tensors
 from .models import ModelError, _read_json_config, check_finite_weights
-from .training import (_load_matching, _lr_factor, _next_batch, _prefixed, _unprefixed, optimizer_from_flat,
-                       optimizer_to_flat)
+from .training import (_load_matching, _lr_factor, _next_batch, _prefixed, _training_start, _unprefixed,
+                       optimizer_from_flat, optimizer_to_flat)
 
 __all__ = ["VAE_PRESETS", "VAEConfig", "VAETrainResult", "vae_source", "vae_config", "build_vae", "load_vae",
            "latent_shape", "train_vae", "latent_std", "save_vae", "latent_pipeline"]
@@ -229,12 +229,8 @@ def train_vae(vae, images: torch.Tensor, config: VAEConfig, checkpoint_dir: Opti
     latent means' standard deviation. Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same
     config, architecture and images (else ``CheckpointMismatch``); writes one every ``config.checkpoint_every``
     steps and at the end."""
-    device = torch.device(device) if device is not None else next(vae.parameters()).device
-    vae.to(device).train()
-    images = torch.as_tensor(images, dtype=torch.float32)
+    device, images = _training_start(vae, images, device, " for the VAE")
     n = images.shape[0]
-    if n == 0:
-        raise ValueError("no training images for the VAE")
     D = images[0].numel()
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(config))
